@@ -1,0 +1,296 @@
+"""The ``quant:`` config section as one validated object.
+
+Every key of the section is checked here, once: unknown keys, wrong types and out-of-range values
+raise :class:`ConfigError` naming the key path (``quant.schedule.lr_scale``), the value and what is
+allowed. Nothing is silently defaulted for a typo. The objects are frozen dataclasses, so a host
+can pass them around without anyone mutating the experiment's settings behind its back.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from .quant.rounding import ROUNDING_MODES
+
+#: Bit widths a quantizer accepts; 32 means "leave this tensor in floating point".
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
+FP_BITS = 32
+IDD_CRITERIA = ("smooth_l1", "l1", "l2")
+IDD_PARAMS = ("all", "quantizers")
+LAST_LAYER_POLICIES = ("same", "8", "fp")
+
+
+class ConfigError(ValueError):
+    """A ``quant:`` section (or another config value) that cannot be used as written."""
+
+
+# --------------------------------------------------------------------------------------------
+# small checkers: each names the key path, the value and what is allowed
+
+
+def _type_name(types: Tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def _check_keys(d: Any, path: str, allowed: Tuple[str, ...]) -> Mapping[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with keys {list(allowed)}, got {type(d).__name__} {d!r}")
+    for k in d:
+        if k not in allowed:
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{path}.{k}: unknown key{hint}; allowed keys: {list(allowed)}")
+    return d
+
+
+def _get(d: Mapping[str, Any], key: str, path: str, types: Tuple[type, ...], default: Any) -> Any:
+    if key not in d or d[key] is None and default is None:
+        return default
+    v = d[key]
+    # bool is an int subclass: never accept True where a number is wanted, or 1 where a flag is.
+    if isinstance(v, bool) and bool not in types:
+        raise ConfigError(f"{path}.{key}: expected {_type_name(types)}, got bool {v!r}")
+    if not isinstance(v, types):
+        raise ConfigError(f"{path}.{key}: expected {_type_name(types)}, got {type(v).__name__} {v!r}")
+    if float in types and isinstance(v, int):
+        v = float(v)
+    return v
+
+
+def _bits(d: Mapping[str, Any], key: str, path: str, default: Optional[int]) -> Optional[int]:
+    v = _get(d, key, path, (int,), default)
+    if v is not None and v not in ALLOWED_BITS:
+        raise ConfigError(f"{path}.{key}: {v!r} is not a supported bit width; allowed: 2..8, or 32 for full precision")
+    return v
+
+
+def _choice(d: Mapping[str, Any], key: str, path: str, choices: Tuple[str, ...], default: str) -> str:
+    v = d.get(key, default)
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(f"{path}.{key}: {v!r} is not allowed; choose one of {list(choices)}")
+    return v
+
+
+def _positive(v: Optional[float], path: str, allow_zero: bool = False) -> None:
+    if v is None:
+        return
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ConfigError(f"{path}: {v!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# --------------------------------------------------------------------------------------------
+# the section's parts
+
+
+@dataclass(frozen=True)
+class WeightQuantConfig:
+    """How weights are quantized: signed, symmetric, per output channel unless told otherwise."""
+
+    bits: int = 8
+    per_channel: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.weight") -> "WeightQuantConfig":
+        d = _check_keys(d, path, ("bits", "per_channel"))
+        return cls(bits=_bits(d, "bits", path, cls.bits), per_channel=_get(d, "per_channel", path, (bool,), cls.per_channel))
+
+
+@dataclass(frozen=True)
+class ActQuantConfig:
+    """How layer inputs are quantized. ``signed: auto`` picks unsigned for non-negative inputs."""
+
+    bits: int = 8
+    signed: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.act") -> "ActQuantConfig":
+        d = _check_keys(d, path, ("bits", "signed"))
+        signed = d.get("signed", "auto")
+        if isinstance(signed, bool):
+            signed = "true" if signed else "false"
+        if signed not in ("auto", "true", "false"):
+            raise ConfigError(f"quant.act.signed: {d.get('signed')!r} is not allowed; choose auto, true or false")
+        return cls(bits=_bits(d, "bits", path, cls.bits), signed=signed)
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer settings for modules whose qualified name matches a glob; first match wins."""
+
+    match: str
+    weight_bits: Optional[int] = None
+    act_bits: Optional[int] = None
+    enabled: Optional[bool] = None
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str) -> "LayerOverride":
+        d = _check_keys(d, path, ("match", "weight_bits", "act_bits", "enabled"))
+        if "match" not in d:
+            raise ConfigError(f"{path}.match: missing; every override needs a glob on module names, e.g. 'backbone.layer1.*'")
+        match = _get(d, "match", path, (str,), None)
+        if not match:
+            raise ConfigError(f"{path}.match: must be a non-empty glob on module names")
+        ov = cls(match=match, weight_bits=_bits(d, "weight_bits", path, None), act_bits=_bits(d, "act_bits", path, None),
+                 enabled=_get(d, "enabled", path, (bool,), None))
+        if ov.weight_bits is None and ov.act_bits is None and ov.enabled is None:
+            raise ConfigError(f"{path}: override for {match!r} changes nothing; give weight_bits, act_bits or enabled")
+        return ov
+
+    def matches(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match)
+
+
+@dataclass(frozen=True)
+class SoftConfig:
+    """The soft quantizer's surrogate sharpness ``alpha`` (optionally annealed) and the DSQ-style ablation."""
+
+    alpha: float = 3.0
+    alpha_end: Optional[float] = None
+    soft_forward: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.schedule.soft") -> "SoftConfig":
+        d = _check_keys(d, path, ("alpha", "alpha_end", "soft_forward"))
+        alpha = _get(d, "alpha", path, (float, int), cls.alpha)
+        alpha_end = _get(d, "alpha_end", path, (float, int), None)
+        _positive(alpha, f"{path}.alpha")
+        _positive(alpha_end, f"{path}.alpha_end")
+        if alpha > 100 or (alpha_end is not None and alpha_end > 100):
+            raise ConfigError(f"{path}.alpha: {max(alpha, alpha_end or 0)!r} is too large (allowed (0, 100]); "
+                              "the surrogate's gradient becomes spikes")
+        return cls(alpha=alpha, alpha_end=alpha_end, soft_forward=_get(d, "soft_forward", path, (bool,), False))
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Two phases: ``ste_iters`` of LSQ with STE rounding, then ``soft_iters`` with the soft quantizer.
+
+    Iterations are counted from the host's iteration counter (0 at the start of QAT). The learning
+    rates are multiplied by ``lr_scale`` once, at the switch.
+    """
+
+    ste_iters: int = 0
+    soft_iters: int = 0
+    lr_scale: float = 0.1
+    soft: SoftConfig = field(default_factory=SoftConfig)
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.schedule") -> "ScheduleConfig":
+        d = _check_keys(d, path, ("ste_iters", "soft_iters", "lr_scale", "soft"))
+        ste = _get(d, "ste_iters", path, (int,), 0)
+        soft = _get(d, "soft_iters", path, (int,), 0)
+        _positive(ste, f"{path}.ste_iters", allow_zero=True)
+        _positive(soft, f"{path}.soft_iters", allow_zero=True)
+        lr_scale = _get(d, "lr_scale", path, (float, int), cls.lr_scale)
+        _positive(lr_scale, f"{path}.lr_scale")
+        if lr_scale > 1e3:
+            raise ConfigError(f"{path}.lr_scale: {lr_scale!r} is out of range (0, 1000]")
+        return cls(ste_iters=ste, soft_iters=soft, lr_scale=lr_scale, soft=SoftConfig.from_dict(d.get("soft"), f"{path}.soft"))
+
+    @property
+    def total_iters(self) -> int:
+        return self.ste_iters + self.soft_iters
+
+
+@dataclass(frozen=True)
+class IDDConfig:
+    """Inter-class distance-guided distillation: loss weight, criterion and which parameters train."""
+
+    enabled: bool = False
+    weight: float = 1.0
+    criterion: str = "smooth_l1"
+    params: str = "all"
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.idd") -> "IDDConfig":
+        present = d is not None
+        d = _check_keys(d, path, ("enabled", "weight", "criterion", "params"))
+        weight = _get(d, "weight", path, (float, int), 1.0)
+        _positive(weight, f"{path}.weight", allow_zero=True)
+        return cls(enabled=_get(d, "enabled", path, (bool,), present), weight=weight,
+                   criterion=_choice(d, "criterion", path, IDD_CRITERIA, "smooth_l1"),
+                   params=_choice(d, "params", path, IDD_PARAMS, "all"))
+
+
+QUANT_KEYS = ("weight", "act", "overrides", "init_from", "first_layer_act", "last_layer", "rounding", "schedule", "idd")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The whole ``quant:`` section.
+
+    ``first_layer_act: false`` (default) keeps the first layer's input exact: silhouettes are binary
+    and their input needs no quantizer. ``last_layer`` is ``same`` (quantize like the rest), ``"8"``
+    (8-bit weights and input) or ``fp`` (leave it in floating point); the last layer is the last
+    quantizable module in registration order (OpenGait: the BNNeck classifier).
+    """
+
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+    overrides: Tuple[LayerOverride, ...] = ()
+    init_from: Optional[str] = None
+    first_layer_act: bool = False
+    last_layer: str = "same"
+    rounding: str = "ste"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    idd: IDDConfig = field(default_factory=IDDConfig)
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant") -> "QuantConfig":
+        """Build and validate from the YAML section (a dict). ``None`` or ``{}`` gives the defaults (W8A8)."""
+        if isinstance(d, QuantConfig):
+            return d
+        d = _check_keys(d, path, QUANT_KEYS)
+        raw_ov = d.get("overrides") or []
+        if not isinstance(raw_ov, (list, tuple)):
+            raise ConfigError(f"{path}.overrides: expected a list of {{match: glob, ...}} mappings, got {type(raw_ov).__name__}")
+        overrides = tuple(LayerOverride.from_dict(o, f"{path}.overrides[{i}]") for i, o in enumerate(raw_ov))
+        return cls(
+            weight=WeightQuantConfig.from_dict(d.get("weight"), f"{path}.weight"),
+            act=ActQuantConfig.from_dict(d.get("act"), f"{path}.act"),
+            overrides=overrides,
+            init_from=_get(d, "init_from", path, (str,), None),
+            first_layer_act=_get(d, "first_layer_act", path, (bool,), False),
+            last_layer=_choice(d, "last_layer", path, LAST_LAYER_POLICIES, "same"),
+            rounding=_choice(d, "rounding", path, tuple(ROUNDING_MODES), "ste"),
+            schedule=ScheduleConfig.from_dict(d.get("schedule"), f"{path}.schedule"),
+            idd=IDDConfig.from_dict(d.get("idd"), f"{path}.idd"),
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A plain dict that :meth:`from_dict` turns back into an equal object."""
+        out = asdict(self)
+        out["overrides"] = [{k: v for k, v in o.items() if v is not None} for o in out["overrides"]]
+        return out
+
+    def layer_bits(self, name: str, is_first: bool, is_last: bool) -> Tuple[int, int]:
+        """(weight_bits, act_bits) for the module called ``name``; 32 means full precision.
+
+        Order of precedence: the first matching override, then the first/last-layer policy, then
+        the section's defaults.
+        """
+        w, a = self.weight.bits, self.act.bits
+        if is_last and self.last_layer == "8":
+            w, a = 8, 8
+        elif is_last and self.last_layer == "fp":
+            w, a = FP_BITS, FP_BITS
+        if is_first and not self.first_layer_act:
+            a = FP_BITS
+        for ov in self.overrides:
+            if ov.matches(name):
+                if ov.enabled is False:
+                    return FP_BITS, FP_BITS
+                w = ov.weight_bits if ov.weight_bits is not None else w
+                a = ov.act_bits if ov.act_bits is not None else a
+                break
+        return w, a
+
+    def unused_overrides(self, names: List[str]) -> List[LayerOverride]:
+        """Overrides that match none of ``names``: almost always a typo in a glob."""
+        return [ov for ov in self.overrides if not any(ov.matches(n) for n in names)]

@@ -1,0 +1,98 @@
+"""Quantized layers: the float layers with a weight quantizer and an input quantizer in front.
+
+Conversion swaps a module's class in place (``module.__class__ = QuantConv2d``) instead of
+building a new module. That keeps parameter names (``conv.weight``), so FP checkpoints load, and
+keeps object identity, so modules held in lambdas or plain Python objects are converted too.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .quantizer import LSQQuantizer
+
+
+class QuantLayerMixin:
+    """What every quantized layer has: ``weight_quant``, ``act_quant`` and the name of its weight."""
+
+    weight_quant: LSQQuantizer
+    act_quant: LSQQuantizer
+    #: name of the parameter the weight quantizer reads
+    qgait_param: str = "weight"
+    #: the input is known to be exact (binary silhouettes) and is left unquantized on purpose
+    qgait_exact_input: bool = False
+    #: the class this one was made from, for :func:`~qgait_plugin.quant.convert.dequantize_model`
+    qgait_float_class: type = nn.Module
+
+    @property
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quant(getattr(self, self.qgait_param))
+
+
+class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+    qgait_float_class = nn.Conv1d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    qgait_float_class = nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv3d(QuantLayerMixin, nn.Conv3d):
+    qgait_float_class = nn.Conv3d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    qgait_float_class = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class _QuantParamForward(QuantLayerMixin):
+    """Forward for modules that multiply their input by a raw ``nn.Parameter`` in their own code.
+
+    The module's own forward runs unchanged, with the parameter replaced by its quantized
+    version through ``torch.func.functional_call`` and its first input quantized. A flag stops
+    the recursion, since ``functional_call`` calls this same forward.
+    """
+
+    _qgait_in_call: bool = False
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._qgait_in_call:
+            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        w = self.weight_quant(getattr(self, self.qgait_param))
+        x = self.act_quant(x)
+        object.__setattr__(self, "_qgait_in_call", True)
+        try:
+            return functional_call(self, {self.qgait_param: w}, (x, *args), kwargs)  # type: ignore[arg-type]
+        finally:
+            object.__setattr__(self, "_qgait_in_call", False)
+
+
+_PARAM_CLASSES: Dict[type, type] = {}
+
+
+def param_matmul_class(cls: Type[nn.Module]) -> type:
+    """The quantized subclass of ``cls`` (made once per class, so ``isinstance`` and pickling of state behave)."""
+    if cls not in _PARAM_CLASSES:
+        _PARAM_CLASSES[cls] = type(f"Quant{cls.__name__}", (_QuantParamForward, cls),
+                                   {"qgait_float_class": cls, "__module__": __name__})
+    return _PARAM_CLASSES[cls]
+
+
+FLOAT_TO_QUANT: Dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
+                                    nn.Linear: QuantLinear}

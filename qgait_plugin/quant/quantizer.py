@@ -1,0 +1,206 @@
+"""The LSQ fake quantizer: a learned step size, a clamp and one of the rounding modes.
+
+``x_hat = s * R(clamp(x / s, qmin, qmax))``. Autograd through the clamp gives the usual LSQ
+gradients: for ``x`` the rounding mode's derivative inside the range and 0 outside; for ``s``
+``R(v) - v R'(v)`` inside and ``qmin``/``qmax`` outside (Esser et al. 2020), scaled by
+``g = 1/sqrt(numel * qmax)``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .rounding import get_rounding
+
+FP_BITS = 32
+_STEP_EPS = 1e-8
+
+#: How a freshly initialised step is made equal on every rank; ``None`` means "average with
+#: ``all_reduce`` when torch.distributed is initialised". Hosts may replace it.
+_INIT_REDUCER: Optional[Callable[[torch.Tensor, str], torch.Tensor]] = None
+
+
+def set_init_reducer(fn: Optional[Callable[[torch.Tensor, str], torch.Tensor]]) -> None:
+    """Install ``fn(tensor, op) -> tensor`` (op ``"mean"`` or ``"min"``) used when steps initialise.
+
+    Without it, initialisation all-reduces over the default process group when one exists, so
+    every DDP rank starts from the same step even though each saw a different first batch.
+    """
+    global _INIT_REDUCER
+    _INIT_REDUCER = fn
+
+
+def _reduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    if _INIT_REDUCER is not None:
+        return _INIT_REDUCER(t, op)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        if op == "mean":
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
+def grad_scale(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
+    return (t - t * scale).detach() + t * scale
+
+
+def qrange(bits: int, signed: bool) -> Tuple[int, int]:
+    """Integer range of a ``bits``-wide grid: symmetric signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` or ``[0, 2^b - 1]``.
+
+    Signed grids drop the most negative level so weights quantize symmetrically (and so 8-bit
+    grids fit ONNX's int8 QuantizeLinear range).
+    """
+    if signed:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, rounding: str = "ste",
+                  alpha: float = 3.0, soft_forward: bool = False) -> torch.Tensor:
+    """``step * R(clamp(x / step, qmin, qmax))``, differentiable in ``x`` and ``step``.
+
+    ``step`` broadcasts against ``x`` (a scalar for per-tensor, ``[C, 1, ...]`` for per-channel).
+    """
+    s = step.clamp_min(_STEP_EPS)
+    v = torch.clamp(x / s, qmin, qmax)
+    q = get_rounding(rounding, soft_forward)(v, alpha)
+    return q * s
+
+
+def _mse_best_scale(x: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int, dims: Sequence[int],
+                    candidates: int = 40) -> torch.Tensor:
+    """Step minimising the quantization MSE over clip ratios in (0, 1] of ``absmax``, per slice.
+
+    Cheaper and better than LSQ's ``2 mean|x| / sqrt(Qp)`` heuristic at low bit widths, and as
+    good as min/max at 8 bits.
+    """
+    best_err, best = None, None
+    for r in torch.linspace(1.0 / candidates, 1.0, candidates, device=x.device):
+        s = (absmax * r / qmax).clamp_min(_STEP_EPS)
+        err = (torch.clamp(torch.round(x / s), qmin, qmax) * s - x).pow(2)
+        err = err.mean(dim=tuple(dims), keepdim=True) if dims else err.mean()
+        if best_err is None:
+            best_err, best = err, s
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, s, best)
+    return best
+
+
+class LSQQuantizer(nn.Module):
+    """A fake quantizer with a learned step, for a weight or for a layer's input.
+
+    ``kind='weight'``: signed, per output channel along ``channel_dims`` (or per tensor),
+    initialised from the weight itself. ``kind='act'``: per tensor, initialised from the first
+    training batch; ``signed=None`` decides on that batch (unsigned when every value is
+    non-negative, as after ReLU or for silhouettes), agreed across ranks.
+
+    Everything needed to reproduce it (bits, signedness, rounding mode, ``alpha``) is part of
+    its state dict, so a checkpoint restores the phase it was saved in.
+    """
+
+    def __init__(self, bits: int, kind: str, signed: Optional[bool] = None,
+                 channel_shape: Optional[Sequence[int]] = None, rounding: str = "ste", alpha: float = 3.0,
+                 soft_forward: bool = False) -> None:
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise ValueError(f"LSQQuantizer kind must be 'weight' or 'act', got {kind!r}")
+        if not (2 <= bits <= 8 or bits == FP_BITS):
+            raise ValueError(f"LSQQuantizer bits must be 2..8 or 32 (off), got {bits!r}")
+        self.kind = kind
+        self.bits = int(bits)
+        self.signed = True if kind == "weight" else signed
+        self.rounding = rounding
+        self.alpha = float(alpha)
+        self.soft_forward = bool(soft_forward)
+        self.enabled = self.bits < FP_BITS
+        shape = tuple(channel_shape) if channel_shape is not None else ()
+        # a switched-off quantizer's step takes no gradient: DDP with find_unused_parameters=False
+        # fails on parameters that never receive one
+        self.step = nn.Parameter(torch.ones(shape), requires_grad=self.enabled)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    # -- range -------------------------------------------------------------------------------
+    @property
+    def qmin(self) -> int:
+        return qrange(self.bits, bool(self.signed))[0]
+
+    @property
+    def qmax(self) -> int:
+        return qrange(self.bits, bool(self.signed))[1]
+
+    @property
+    def per_channel(self) -> bool:
+        return self.step.dim() > 0
+
+    def extra_repr(self) -> str:
+        sign = {True: "signed", False: "unsigned", None: "sign=auto"}[self.signed]
+        return (f"{self.kind}, bits={self.bits}, {sign}, {'per-channel' if self.per_channel else 'per-tensor'}, "
+                f"rounding={self.rounding}, alpha={self.alpha:g}, enabled={self.enabled}")
+
+    # -- initialisation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the step from ``x`` (the weight, or a batch of inputs), agreed across ranks."""
+        x = x.detach().float()
+        if self.signed is None:
+            neg = torch.tensor(1.0 if bool((x < 0).any()) else 0.0, device=x.device)
+            self.signed = bool(_reduce(neg, "mean").item() > 0)
+        qmin, qmax = self.qrange_now()
+        if self.per_channel:
+            dims = [d for d in range(x.dim()) if d >= self.step.dim() or self.step.shape[d] == 1]
+            absmax = x.abs().amax(dim=tuple(dims), keepdim=True)
+            step = _mse_best_scale(x, absmax, qmin, qmax, dims).reshape(self.step.shape)
+        else:
+            step = _mse_best_scale(x, x.abs().max(), qmin, qmax, [])
+        step = torch.where(step > _STEP_EPS, step, torch.full_like(step, 1.0 / qmax))
+        step = _reduce(step.to(self.step.device, self.step.dtype), "mean")
+        self.step.data.copy_(step.reshape(self.step.shape))
+        self.initialized.fill_(True)
+
+    def qrange_now(self) -> Tuple[int, int]:
+        return qrange(self.bits, bool(self.signed))
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            if self.kind == "act" and not self.training:
+                raise RuntimeError("activation quantizer used in eval mode before initialisation: run one training "
+                                   "batch first (or load a QAT checkpoint) so its step is set from data")
+            self.initialize(x)
+        qmin, qmax = self.qrange_now()
+        per_step = x.numel() // max(1, self.step.numel()) if self.kind == "weight" else x[0].numel() if x.dim() > 1 else x.numel()
+        s = grad_scale(self.step, 1.0 / math.sqrt(max(1, per_step) * qmax))
+        return fake_quantize(x, s.to(x.dtype), qmin, qmax, self.rounding, self.alpha, self.soft_forward)
+
+    # -- state -------------------------------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"bits": self.bits, "signed": self.signed, "rounding": self.rounding, "alpha": self.alpha,
+                "soft_forward": self.soft_forward, "enabled": self.enabled, "kind": self.kind}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        if state.get("bits") != self.bits or state.get("kind") != self.kind:
+            raise ValueError(f"checkpoint holds a {state.get('bits')}-bit {state.get('kind')} quantizer where the model "
+                             f"has a {self.bits}-bit {self.kind} one: the quant config differs from the one it was trained with")
+        self.signed = state["signed"]
+        self.rounding = state["rounding"]
+        self.alpha = float(state["alpha"])
+        self.soft_forward = bool(state["soft_forward"])
+        self.enabled = bool(state["enabled"])
+
+    def integer_values(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers ``round(clamp(x / s))`` the deployed model stores (for export and tests)."""
+        s = self.step.detach().clamp_min(_STEP_EPS)
+        qmin, qmax = self.qrange_now()
+        return torch.clamp(torch.round(x.detach() / s), qmin, qmax)

@@ -1,0 +1,110 @@
+"""The LSQ quantizer: values on the grid, LSQ gradients, initialisation and saved state."""
+import math
+
+import pytest
+import torch
+
+from qgait_plugin import LSQQuantizer, fake_quantize
+from qgait_plugin.quant.quantizer import qrange
+
+
+def _on_grid(out, step, qmin, qmax):
+    q = out / step
+    assert torch.allclose(q, torch.round(q), atol=1e-4), "values off the integer grid"
+    assert q.min() >= qmin - 1e-4 and q.max() <= qmax + 1e-4, "values outside the clamp range"
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_outputs_lie_on_grid(bits, per_channel):
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.1, 3, 6).view(6, 1, 1, 1)
+    q = LSQQuantizer(bits, "weight", channel_shape=(6, 1, 1, 1) if per_channel else None)
+    out = q(w)
+    qmin, qmax = qrange(bits, True)
+    assert (qmin, qmax) == (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1)
+    _on_grid(out, q.step.detach(), qmin, qmax)
+    levels = (out / q.step.detach()).round().unique().numel()
+    assert levels <= qmax - qmin + 1 and levels >= min(3, qmax - qmin + 1)
+    if per_channel:  # channels with 30x different scales get different steps
+        assert q.step[0] < q.step[-1] / 5
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_activation_signedness_and_grid(bits):
+    relu_in = torch.relu(torch.randn(8, 16))
+    q = LSQQuantizer(bits, "act").train()
+    out = q(relu_in)
+    assert q.signed is False and q.qmin == 0 and q.qmax == 2**bits - 1
+    _on_grid(out, q.step.detach(), 0, 2**bits - 1)
+    q2 = LSQQuantizer(bits, "act").train()
+    out2 = q2(torch.randn(8, 16))
+    assert q2.signed is True
+    _on_grid(out2, q2.step.detach(), *qrange(bits, True))
+
+
+def test_lsq_gradients_match_formula():
+    x = torch.tensor([-3.0, -0.26, 0.1, 0.74, 1.3, 9.0], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    qmin, qmax = -3, 3
+    fake_quantize(x, s, qmin, qmax, rounding="ste").sum().backward()
+    v = x.detach() / 0.5
+    inside = (v >= qmin) & (v <= qmax)
+    expected_s = torch.where(inside, torch.round(v) - v, torch.clamp(v, qmin, qmax)).sum()
+    assert torch.isclose(s.grad, expected_s)
+    assert torch.equal(x.grad, inside.double())
+
+
+def test_module_applies_lsq_gradient_scale():
+    w = torch.randn(4, 8, dtype=torch.float64)
+    q = LSQQuantizer(4, "weight", channel_shape=(4, 1)).double()
+    q(w)  # initialise
+    s = q.step.detach().clone()
+    q.step.grad = None
+    q(w).sum().backward()
+    v = torch.clamp(w / s, -7, 7)
+    inside = (w / s >= -7) & (w / s <= 7)
+    raw = torch.where(inside, torch.round(v) - w / s, v).sum(dim=1, keepdim=True)
+    g = 1 / math.sqrt(8 * 7)
+    torch.testing.assert_close(q.step.grad, raw * g)
+
+
+def test_step_stays_positive_and_init_is_data_driven():
+    x = torch.rand(32, 100) * 4
+    q = LSQQuantizer(8, "act").train()
+    q(x)
+    assert bool(q.initialized) and 0 < q.step.item() <= 4 / 255 * 1.01
+    with torch.no_grad():
+        q.step.fill_(-1.0)  # an optimizer overshoot must not flip the grid or divide by zero
+    out = q(x)
+    assert torch.isfinite(out).all() and (out >= 0).all()
+
+
+def test_uninitialised_activation_in_eval_raises():
+    q = LSQQuantizer(4, "act").eval()
+    with pytest.raises(RuntimeError, match="before initialisation"):
+        q(torch.rand(2, 3))
+
+
+def test_bits_32_is_identity_and_takes_no_gradient():
+    q = LSQQuantizer(32, "act")
+    x = torch.randn(3, 5)
+    assert q(x) is x and not q.step.requires_grad
+
+
+def test_extra_state_round_trip_and_mismatch_error():
+    q = LSQQuantizer(4, "act").train()
+    q(torch.randn(4, 4))
+    q.rounding, q.alpha = "soft", 5.5
+    sd = q.state_dict()
+    r = LSQQuantizer(4, "act")
+    r.load_state_dict(sd)
+    assert (r.rounding, r.alpha, r.signed, bool(r.initialized)) == ("soft", 5.5, True, True)
+    assert torch.equal(r.step, q.step)
+    with pytest.raises(ValueError, match="4-bit act quantizer where the model has a 8-bit"):
+        LSQQuantizer(8, "act").load_state_dict(sd)
+
+
+def test_invalid_bits_rejected():
+    for bits in (1, 9, 16):
+        with pytest.raises(ValueError, match="bits must be 2..8 or 32"):
+            LSQQuantizer(bits, "weight")
