@@ -25,7 +25,7 @@ _INIT_REDUCER: Optional[Callable[[torch.Tensor, str], torch.Tensor]] = None
 
 
 def set_init_reducer(fn: Optional[Callable[[torch.Tensor, str], torch.Tensor]]) -> None:
-    """Install ``fn(tensor, op) -> tensor`` (op ``"mean"`` or ``"min"``) used when steps initialise.
+    """Install ``fn(tensor, op) -> tensor`` (op ``"mean"``, ``"max"`` or ``"min"``) used when steps initialise.
 
     Without it, initialisation all-reduces over the default process group when one exists, so
     every DDP rank starts from the same step even though each saw a different first batch.
@@ -43,7 +43,7 @@ def _reduce(t: torch.Tensor, op: str) -> torch.Tensor:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             t /= dist.get_world_size()
         else:
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
     return t
 
 
@@ -154,7 +154,7 @@ class LSQQuantizer(nn.Module):
         x = x.detach().float()
         if self.signed is None:
             neg = torch.tensor(1.0 if bool((x < 0).any()) else 0.0, device=x.device)
-            self.signed = bool(_reduce(neg, "mean").item() > 0)
+            self.signed = bool(_reduce(neg, "max").item() > 0)  # signed if any rank saw a negative value
         qmin, qmax = self.qrange_now()
         if self.per_channel:
             dims = [d for d in range(x.dim()) if d >= self.step.dim() or self.step.shape[d] == 1]
