@@ -89,3 +89,27 @@ def test_soft_x_gradient_is_zero_outside_clamp_range():
     assert x.grad[0] == 0 and x.grad[-1] == 0
     for i, xv in ((1, -0.9), (2, 0.0), (3, 0.6)):
         assert math.isclose(x.grad[i].item(), phi_prime(xv / 0.5, 3.0), rel_tol=1e-9)
+
+
+def test_soft_forward_ablation_uses_surrogate_in_forward():
+    x = torch.tensor([0.3, 0.74, 1.1], dtype=torch.float64, requires_grad=True)
+    step = torch.tensor(0.5, dtype=torch.float64)
+    out = fake_quantize(x, step, -7, 7, rounding="soft", alpha=3.0, soft_forward=True)
+    expected = 0.5 * soft_round_value(x.detach() / 0.5, 3.0)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out / 0.5, torch.round(out / 0.5))  # leaves the grid, unlike the QGait quantizer
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([phi_prime(v / 0.5, 3.0) for v in (0.3, 0.74, 1.1)], dtype=torch.float64))
+    # under STE the flag has no effect: the grid is kept
+    hard = fake_quantize(x.detach(), step, -7, 7, rounding="ste", soft_forward=True)
+    assert torch.equal(hard / 0.5, torch.round(hard / 0.5))
+
+
+def test_half_precision_inputs():
+    for dtype in (torch.bfloat16, torch.float16):
+        x = (torch.randn(64) * 2).to(dtype).requires_grad_(True)
+        step = torch.tensor(0.25, requires_grad=True)
+        out = fake_quantize(x, step, -7, 7, rounding="soft", alpha=3.0)
+        assert out.dtype == dtype
+        out.float().sum().backward()
+        assert torch.isfinite(x.grad.float()).all() and torch.isfinite(step.grad) and step.grad.dtype == torch.float32

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rounding import get_rounding
+from .rounding import ROUNDING_GRADS, get_rounding
 
 FP_BITS = 32
 _STEP_EPS = 1e-8
@@ -47,7 +47,7 @@ def _reduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return t
 
 
-def grad_scale(t: torch.Tensor, scale: float) -> torch.Tensor:
+def grad_scale_(t: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity forward, gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
     return (t - t * scale).detach() + t * scale
 
@@ -63,16 +63,62 @@ def qrange(bits: int, signed: bool) -> Tuple[int, int]:
     return 0, 2**bits - 1
 
 
+class _FusedFakeQuant(torch.autograd.Function):
+    """``s * round(clamp(x / s))`` with its LSQ backward written out: one saved tensor, few kernels.
+
+    Gradients (``v = x / s``, ``R'`` the rounding mode's derivative at the clamped ``v``):
+    ``dx = R'`` inside the range, 0 outside; ``ds = round(v) - v R'`` inside, ``qmin``/``qmax``
+    outside, times ``grad_scale``, summed over the dimensions ``s`` is broadcast along.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, qmin, qmax, rounding, alpha, gscale):  # type: ignore[override]
+        sx = s.to(x.dtype)
+        v = x / sx
+        ctx.save_for_backward(v, s)
+        ctx.conf = (qmin, qmax, rounding, alpha, gscale)
+        return torch.round(v.clamp(qmin, qmax)) * sx
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        v, s = ctx.saved_tensors
+        qmin, qmax, rounding, alpha, gscale = ctx.conf
+        vc = v.clamp(qmin, qmax)
+        inside = (v >= qmin) & (v <= qmax)
+        calc = vc.float() if vc.dtype in (torch.float16, torch.bfloat16) else vc
+        d = ROUNDING_GRADS[rounding](calc, alpha).to(v.dtype) if rounding != "ste" else None
+        gx = gs = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.where(inside, grad if d is None else grad * d, torch.zeros((), dtype=grad.dtype))
+        if ctx.needs_input_grad[1]:
+            dv = v if d is None else v * d
+            gs_elem = grad * torch.where(inside, torch.round(vc) - dv, vc)
+            if s.dim() == 0:
+                gs = gs_elem.sum(dtype=torch.float32)
+            else:
+                lead = gs_elem.dim() - s.dim()
+                dims = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(s.shape) if n == 1)
+                gs = gs_elem.sum(dim=dims, keepdim=True, dtype=torch.float32).reshape(s.shape)
+            gs = (gs * gscale).to(s.dtype)
+        return gx, gs, None, None, None, None, None
+
+
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, rounding: str = "ste",
-                  alpha: float = 3.0, soft_forward: bool = False) -> torch.Tensor:
+                  alpha: float = 3.0, soft_forward: bool = False, grad_scale: float = 1.0) -> torch.Tensor:
     """``step * R(clamp(x / step, qmin, qmax))``, differentiable in ``x`` and ``step``.
 
-    ``step`` broadcasts against ``x`` (a scalar for per-tensor, ``[C, 1, ...]`` for per-channel).
+    ``step`` broadcasts against ``x`` (a scalar for per-tensor, ``[C, 1, ...]`` for per-channel)
+    and is clamped to a tiny positive value, so an optimizer overshoot cannot flip the grid.
+    ``grad_scale`` multiplies the step's gradient (LSQ's ``g``). With ``soft_forward`` and the
+    ``soft`` mode the surrogate replaces ``round`` in the forward pass too (through autograd).
     """
     s = step.clamp_min(_STEP_EPS)
-    v = torch.clamp(x / s, qmin, qmax)
-    q = get_rounding(rounding, soft_forward)(v, alpha)
-    return q * s
+    if soft_forward and rounding == "soft":
+        s = grad_scale_(s, grad_scale)
+        v = torch.clamp(x / s.to(x.dtype), qmin, qmax)
+        return get_rounding(rounding, soft_forward)(v, alpha) * s.to(x.dtype)
+    get_rounding(rounding)  # validates the name
+    return _FusedFakeQuant.apply(x, s, qmin, qmax, rounding, float(alpha), float(grad_scale))
 
 
 def _mse_best_scale(x: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int, dims: Sequence[int],
@@ -181,8 +227,8 @@ class LSQQuantizer(nn.Module):
             self.initialize(x)
         qmin, qmax = self.qrange_now()
         per_step = x.numel() // max(1, self.step.numel()) if self.kind == "weight" else x[0].numel() if x.dim() > 1 else x.numel()
-        s = grad_scale(self.step, 1.0 / math.sqrt(max(1, per_step) * qmax))
-        return fake_quantize(x, s.to(x.dtype), qmin, qmax, self.rounding, self.alpha, self.soft_forward)
+        g = 1.0 / math.sqrt(max(1, per_step) * qmax)
+        return fake_quantize(x, self.step, qmin, qmax, self.rounding, self.alpha, self.soft_forward, grad_scale=g)
 
     # -- state -------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Callable, Dict
 import torch
 
 RoundFn = Callable[[torch.Tensor, float], torch.Tensor]
+GradFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
 class _STERound(torch.autograd.Function):
@@ -87,9 +88,18 @@ def soft_forward_round(v: torch.Tensor, alpha: float = 3.0) -> torch.Tensor:
     return soft_round_value(v, float(alpha))
 
 
+def ste_round_grad(v: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
+    """The STE's ``R'(v)``: 1 everywhere (the clamp supplies the 0 outside the range)."""
+    return torch.ones_like(v)
+
+
 #: name -> rounding function ``(v, alpha) -> R(v)``. ``soft_forward`` is reached through the
 #: quantizer's ``soft_forward`` flag, not as a mode of its own, so a config can only pick these.
 ROUNDING_MODES: Dict[str, RoundFn] = {"ste": ste_round, "soft": soft_round}
+
+#: name -> ``R'(v)`` used by the fused quantizer's hand-written backward. A new mode adds one
+#: entry here and one in :data:`ROUNDING_MODES`.
+ROUNDING_GRADS: Dict[str, GradFn] = {"ste": ste_round_grad, "soft": soft_round_grad}
 
 
 def get_rounding(mode: str, soft_forward: bool = False) -> RoundFn:
