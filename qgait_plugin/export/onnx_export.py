@@ -1,0 +1,143 @@
+"""ONNX export of a converted model as a QDQ graph with integer weights.
+
+Torch's default (dynamo) exporter fails on fake-quantize ops, so this uses the TorchScript
+exporter (``dynamo=False``), which writes ``torch.fake_quantize_*`` as QuantizeLinear /
+DequantizeLinear. A second pass folds every weight's QuantizeLinear into an int8 initializer, so
+the file stores integers (a weight travels as ``int8 -> DequantizeLinear``) and onnxruntime can
+fuse the pattern into integer kernels (QLinearConv/MatMulInteger) where the CPU supports them.
+Needs the ``export`` extra (onnx, onnxruntime).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from typing import Any, Dict, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..quant.convert import iter_quantizers
+from ..quant.layers import QuantLayerMixin
+from ..quant.quantizer import LSQQuantizer
+
+
+class _TracingQuantizer(LSQQuantizer):
+    """An LSQQuantizer without extra state: TorchScript tracing cannot hold a dict in a state dict."""
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Quantizers emit torch's fake-quantize ops while inside; the model is in eval mode.
+
+    Weights are clamped to their own grid's range for the duration (quantizing a clamped weight
+    gives the same integers), so the 8-bit container never clips a narrower grid differently.
+    """
+    qs = [q for _, q in iter_quantizers(model)]
+    was_training = model.training
+    saved = []
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QuantLayerMixin) and m.weight_quant.enabled:
+                w, wq = getattr(m, m.qgait_param), m.weight_quant
+                s = wq.step.detach().clamp_min(1e-8)
+                saved.append((w, w.detach().clone()))
+                w.copy_(torch.minimum(torch.maximum(w, s * wq.qmin), s * wq.qmax))
+    for q in qs:
+        q.exporting = True
+        q.__class__ = _TracingQuantizer
+    model.eval()
+    try:
+        yield model
+    finally:
+        for q in qs:
+            q.exporting = False
+            q.__class__ = LSQQuantizer
+        with torch.no_grad():
+            for w, original in saved:
+                w.copy_(original)
+        model.train(was_training)
+
+
+def _fold_weight_quantize(onnx_model: Any) -> int:
+    """Replace ``float initializer -> QuantizeLinear`` by an integer initializer. Returns how many."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = onnx_model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def value(name: str):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    folded = 0
+    for node in list(g.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        w, scale = value(node.input[0]), value(node.input[1])
+        zp = value(node.input[2]) if len(node.input) > 2 else None
+        if w is None or scale is None or w.ndim == 0:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim == 1 and scale.size > 1:
+            shape[axis] = scale.size
+        zp_arr = zp if zp is not None else np.zeros_like(scale, dtype=np.uint8)
+        info = np.iinfo(zp_arr.dtype)
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zp_arr.reshape(shape).astype(np.int32), info.min, info.max)
+        init = numpy_helper.from_array(q.astype(zp_arr.dtype), name=node.output[0] + "_int")
+        g.initializer.append(init)
+        for other in g.node:  # consumers of the QuantizeLinear output now read the integers
+            for i, name in enumerate(other.input):
+                if name == node.output[0]:
+                    other.input[i] = init.name
+        g.node.remove(node)
+        folded += 1
+    # drop initializers nothing reads any more (the float weights)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return folded
+
+
+def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str, opset: int = 17,
+                input_names: Sequence[str] = ("input",), output_names: Sequence[str] = ("output",),
+                dynamic_batch: bool = True) -> Dict[str, Any]:
+    """Export ``model`` (converted, initialised) to ``path``; written atomically. Returns a summary."""
+    try:
+        import onnx
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise RuntimeError("ONNX export needs the export extra: pip install -e '.[export]'") from e
+    args = tuple(example_inputs)
+    dyn = {n: {0: "batch"} for n in list(input_names) + list(output_names)} if dynamic_batch else None
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    with export_mode(model), tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        raw = os.path.join(tmp, "raw.onnx")
+        torch.onnx.export(model, args, raw, dynamo=False, opset_version=opset, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dyn, do_constant_folding=True)
+        m = onnx.load(raw)
+    folded = _fold_weight_quantize(m)
+    onnx.checker.check_model(m)
+    fd, tmp_path = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save(m, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    ops: Dict[str, int] = {}
+    for n in m.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"path": path, "bytes": os.path.getsize(path), "integer_weights": folded, "ops": ops}
