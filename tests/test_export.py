@@ -53,3 +53,34 @@ def test_uninitialised_model_cannot_export(tmp_path):
     with pytest.raises(RuntimeError, match="never initialised"):
         export_onnx(model, (torch.rand(1, 1, 8, 8),), str(tmp_path / "m.onnx"))
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packed_checkpoint_round_trip_and_size(tmp_path, bits):
+    import numpy as np
+
+    from qgait_plugin import model_size_bytes
+    from qgait_plugin.export.packed import load_packed, pack_bits, save_packed, unpack_bits
+
+    vals = np.random.default_rng(0).integers(0, 2**bits, size=1001)
+    assert np.array_equal(unpack_bits(pack_bits(vals, bits), bits, vals.size), vals)
+    cfg = {"weight": {"bits": bits}, "act": {"bits": bits}}
+    model = quantize_model(small_net(), cfg)
+    x = (torch.rand(4, 1, 32, 22) > 0.5).float()
+    model.train()(x)
+    model.eval()
+    ref = model(x)
+    size = save_packed(model, str(tmp_path / "m.qgait"))
+    fresh = quantize_model(small_net(), cfg)
+    load_packed(fresh, str(tmp_path / "m.qgait")).eval()
+    assert torch.equal(fresh(x), ref)
+    blob = torch.load(str(tmp_path / "m.qgait"), weights_only=True)
+    for name, entry in blob["layers"].items():  # each weight takes exactly ceil(numel * bits / 8) bytes
+        numel = int(np.prod(entry["shape"]))
+        assert entry["data"].numel() == (numel * bits + 7) // 8
+    torch.save(small_net().state_dict(), str(tmp_path / "fp.pt"))
+    assert size < (tmp_path / "fp.pt").stat().st_size
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert model_size_bytes(model) < weights * 4  # smaller than the float weights alone
+    with pytest.raises(ValueError, match="bit"):
+        load_packed(quantize_model(small_net(), {"weight": {"bits": 5 if bits != 5 else 6}}), str(tmp_path / "m.qgait"))

@@ -1,0 +1,88 @@
+"""A bit-packed checkpoint: quantized weights stored as ``bits``-wide integers, the rest as floats.
+
+ONNX has no container narrower than 8 bits that onnxruntime runs, so this is where a 4-bit model
+actually takes 4 bits per weight on disk. Loading puts ``integer * step`` back into the weights
+of a model converted with the same ``quant:`` section: quantizing them again gives the same
+integers, so the loaded model computes exactly what was saved.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..quant.layers import QuantLayerMixin
+
+FORMAT = "qgait-packed-v1"
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned integers < 2**bits -> a uint8 stream of ``ceil(n * bits / 8)`` bytes (little-endian bit order)."""
+    v = np.ascontiguousarray(values.reshape(-1).astype(np.uint8))
+    planes = np.unpackbits(v[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(data, bitorder="little")[: count * bits].reshape(count, bits)
+    return np.packbits(np.pad(planes, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little").reshape(-1)
+
+
+def _quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin) and m.weight_quant.enabled}
+
+
+def save_packed(model: nn.Module, path: str) -> int:
+    """Write ``model`` (converted, initialised) to ``path`` atomically; returns the file size in bytes."""
+    layers: Dict[str, Any] = {}
+    skip = set()
+    for name, m in _quantized_layers(model).items():
+        wq = m.weight_quant
+        if not bool(wq.initialized):
+            raise RuntimeError(f"{name}: weight quantizer never initialised; run the model once before saving")
+        w = getattr(m, m.qgait_param)
+        ints = wq.integer_values(w).to(torch.int64) - wq.qmin  # shift to 0..qmax-qmin
+        layers[name] = {"bits": wq.bits, "shape": list(w.shape), "qmin": wq.qmin,
+                        "data": torch.from_numpy(pack_bits(ints.cpu().numpy(), wq.bits))}
+        skip.add(f"{name}.{m.qgait_param}" if name else m.qgait_param)
+    rest = {k: v for k, v in model.state_dict().items() if k not in skip}
+    out_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, "layers": layers, "state": rest}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return os.path.getsize(path)
+
+
+@torch.no_grad()
+def load_packed(model: nn.Module, path: str) -> nn.Module:
+    """Load a packed checkpoint into ``model``, converted with the same ``quant:`` section."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file (format {blob.get('format') if isinstance(blob, dict) else type(blob)!r})")
+    model.load_state_dict(blob["state"], strict=False)
+    layers = _quantized_layers(model)
+    missing = sorted(set(layers) - set(blob["layers"]))
+    extra = sorted(set(blob["layers"]) - set(layers))
+    if missing or extra:
+        raise ValueError(f"{path}: quantized layers differ from the model's (missing {missing[:3]}, unexpected {extra[:3]}); "
+                         "convert the model with the quant config it was saved with")
+    for name, entry in blob["layers"].items():
+        m = layers[name]
+        w = getattr(m, m.qgait_param)
+        if list(w.shape) != entry["shape"] or m.weight_quant.bits != entry["bits"]:
+            raise ValueError(f"{path}: {name} holds {entry['bits']}-bit {entry['shape']}, the model has "
+                             f"{m.weight_quant.bits}-bit {list(w.shape)}")
+        ints = unpack_bits(entry["data"].numpy(), entry["bits"], w.numel()).astype(np.int64) + entry["qmin"]
+        q = torch.from_numpy(ints).reshape(w.shape).to(w.dtype)
+        w.copy_(q * m.weight_quant.step.detach().clamp_min(1e-8).to(w.dtype))
+    return model
