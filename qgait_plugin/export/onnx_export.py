@@ -123,6 +123,8 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: 
     os.makedirs(out_dir, exist_ok=True)
     with export_mode(model), tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # dynamo=False is deliberate (the dynamo exporter fails on fake-quantize ops): no need to warn
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         raw = os.path.join(tmp, "raw.onnx")
         torch.onnx.export(model, args, raw, dynamo=False, opset_version=opset, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dyn, do_constant_folding=True)
