@@ -1,0 +1,167 @@
+"""``qgait opengait train|test``: register the plugin, then run OpenGait's own initialization and loop.
+
+OpenGait's ``main.py`` parses ``sys.argv`` at import time and keeps its process-group setup in
+its ``__main__`` block. The launcher therefore imports that file as a module (with an argv it
+builds, so the parser sees our options), starts the process group itself (gloo on CPU, NCCL on
+CUDA), loads the config the same way (user YAML merged into the checkout's
+``configs/default.yaml`` with OpenGait's own merge function) and calls the main script's
+``initialization`` and ``run_model``. Works as one process or under ``torchrun``.
+
+Paths: OpenGait writes ``output/...`` relative to the working directory; ``--workdir`` picks it
+(default: the checkout root, as with OpenGait's ``train.sh``). Relative data paths in the config
+that do not exist from there are resolved against the checkout root.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .env import import_opengait
+
+
+class LaunchError(RuntimeError):
+    """The run cannot start as configured; the message names the key and the fix."""
+
+
+def load_config(og: Any, cfg_path: Path) -> Dict[str, Any]:
+    """User YAML merged into ``<root>/configs/default.yaml`` by OpenGait's ``MergeCfgsDict``."""
+    if not cfg_path.is_file():
+        raise LaunchError(f"--cfgs: {cfg_path} does not exist")
+    with open(cfg_path) as f:
+        src = yaml.safe_load(f)
+    if not isinstance(src, dict):
+        raise LaunchError(f"--cfgs: {cfg_path} is not a YAML mapping")
+    with open(og.root / "configs" / "default.yaml") as f:
+        dst = yaml.safe_load(f)
+    og.common.MergeCfgsDict(src, dst)
+    for sec in ([dst["data_cfg"]] if isinstance(dst.get("data_cfg"), dict) else dst.get("data_cfg") or []):
+        for key in ("dataset_partition", "dataset_root"):
+            val = sec.get(key)
+            if isinstance(val, str) and not os.path.isabs(val) and not os.path.exists(val) \
+                    and (og.root / val).exists():
+                sec[key] = str(og.root / val)
+    return dst
+
+
+def _load_main(og: Any, argv: List[str]) -> Any:
+    """Import ``<root>/opengait/main.py`` as a module, its argument parser seeing ``argv``."""
+    spec = importlib.util.spec_from_file_location("qgait_opengait_main", og.root / "opengait" / "main.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    saved = sys.argv
+    sys.argv = [str(og.root / "opengait" / "main.py")] + argv
+    try:
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    finally:
+        sys.argv = saved
+    return mod
+
+
+def _quant_bits(cfgs: Dict[str, Any]) -> Optional[Dict[str, int]]:
+    if not cfgs.get("quant"):
+        return None
+    from ..config import QuantConfig
+
+    q = QuantConfig.from_dict(cfgs["quant"])
+    return {"weight": q.weight.bits, "act": q.act.bits}
+
+
+def results_record(model: Any, result: Dict[str, Any], cfgs: Dict[str, Any], cfg_path: Path) -> Dict[str, Any]:
+    """The results JSON ``qgait compare`` reads: metrics, model size and bit widths of one test run."""
+    from ..quant.size import model_size_bytes
+
+    net = getattr(model, "module", model)
+    metrics = {}
+    for k, v in (result or {}).items():
+        try:
+            metrics[k.split("/")[-1] if k.startswith("scalar/") else k] = float(v)
+        except (TypeError, ValueError):
+            continue
+    data = cfgs["data_cfg"]
+    return {"format": "qgait-results/1", "model": cfgs["model_cfg"]["model"],
+            "dataset": data.get("test_dataset_name", data.get("dataset_name")),
+            "save_name": cfgs["evaluator_cfg"]["save_name"], "restore_hint": cfgs["evaluator_cfg"]["restore_hint"],
+            "config": str(cfg_path), "metrics": metrics, "size_bytes": int(model_size_bytes(net)),
+            "bits": _quant_bits(cfgs)}
+
+
+def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iteration: int = 0,
+        log_to_file: bool = False, workdir: Optional[str] = None, cpu_overrides: bool = False,
+        results: Optional[str] = None, dump_quantizers: Optional[str] = None, plugin: bool = True) -> int:
+    """Run OpenGait's ``train`` or ``test`` phase with the plugin registered. Returns an exit code."""
+    import torch
+    import torch.distributed as dist
+
+    from .registry import LAST_MODEL, RESULT_HOOKS, register
+    from .runtime import CpuRuntime, apply_cpu_overrides, cpu_config_problems, init_process_group
+
+    if phase not in ("train", "test"):
+        raise LaunchError(f"phase must be train or test, got {phase!r}")
+    if device not in ("cpu", "cuda"):
+        raise LaunchError(f"--device must be cpu or cuda, got {device!r}")
+    cfg_path = Path(cfgs).resolve()
+    og = import_opengait(root)
+    if plugin:  # off only to compare against untouched OpenGait
+        register(og)
+    os.chdir(Path(workdir).resolve() if workdir else og.root)
+    cfg = load_config(og, cfg_path)
+    if iteration:
+        cfg["evaluator_cfg"]["restore_hint"] = int(iteration)
+        cfg["trainer_cfg"]["restore_hint"] = int(iteration)
+    training = phase == "train"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+
+    runtime = None
+    if device == "cpu":
+        problems = cpu_config_problems(cfg, world, training)
+        if problems and not cpu_overrides:
+            raise LaunchError(f"{cfg_path}: these keys must change to run on CPU (or pass --cpu-overrides to set "
+                              "them for this run):\n  " + "\n  ".join(map(str, problems)))
+        if problems:
+            apply_cpu_overrides(cfg, problems)
+            print("qgait: CPU overrides: " + "; ".join(f"{p.key}={p.needed!r}" for p in problems), flush=True)
+    elif not torch.cuda.is_available():
+        raise LaunchError("--device cuda: no CUDA device here; pass --device cpu")
+
+    init_process_group(device)
+    if device == "cuda" and dist.get_world_size() != torch.cuda.device_count():
+        raise LaunchError(f"world size {dist.get_world_size()} != {torch.cuda.device_count()} visible GPUs "
+                          "(OpenGait runs one process per GPU)")
+    argv = ["--cfgs", str(cfg_path), "--phase", phase] + (["--log_to_file"] if log_to_file else [])
+    main = _load_main(og, argv)
+    if device == "cpu":
+        runtime = CpuRuntime().install(og, extra_namespaces=(main,))
+
+    def write_results(model: Any, result: Any) -> None:
+        if dist.get_rank() != 0 or result is None:
+            return
+        rec = results_record(model, result, cfg, cfg_path)
+        out = Path(results) if results else Path("output") / rec["dataset"] / rec["model"] / rec["save_name"] / "qgait_results.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rec, indent=2))
+        print(f"qgait: results written to {out.resolve()}", flush=True)
+
+    RESULT_HOOKS.append(write_results)
+    try:
+        main.initialization(cfg, training)
+        main.run_model(cfg, training)
+        if dump_quantizers and LAST_MODEL:
+            from ..quant.convert import iter_quantizers
+
+            steps = {n: q.step.detach().cpu() for n, q in iter_quantizers(LAST_MODEL[0])}
+            target = Path(dump_quantizers.replace("{rank}", str(dist.get_rank())))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"rank": dist.get_rank(), "iteration": LAST_MODEL[0].iteration, "steps": steps}, target)
+    finally:
+        RESULT_HOOKS.remove(write_results)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        if runtime is not None:
+            runtime.uninstall()
+    return 0

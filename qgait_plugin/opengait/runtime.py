@@ -1,0 +1,163 @@
+"""Run OpenGait on CPU (gloo) by redirecting its CUDA/NCCL assumptions at run time.
+
+No file of the checkout is edited. :class:`CpuRuntime` replaces, for the life of the process
+(or until :meth:`CpuRuntime.uninstall`):
+
+* ``torch.cuda.set_device`` -> no-op (``BaseModel.__init__`` calls it with the rank);
+* ``nn.Module.to(cuda...)`` -> CPU (``BaseModel.__init__`` moves the model to ``cuda:<rank>``);
+* ``Tensor.cuda()`` / ``nn.Module.cuda()`` -> stay on CPU: covers OpenGait's numpy-to-tensor
+  helper (``utils.common.ts2var``), ``cuda_dist`` and ``mean_iou`` in evaluation, the sampler's
+  broadcast and the loss aggregator's ``Loss(...).cuda()``;
+* ``torch.load(map_location=cuda...)`` -> ``map_location="cpu"`` (checkpoint restore);
+* ``get_ddp_module`` -> the same DDP pass-through wrapper without ``device_ids``, in every module
+  that imported it by name (``utils.common``, ``utils``, ``modeling.loss_aggregator`` and the
+  main script's namespace, passed in by the launcher).
+
+What cannot be redirected safely is reported by :func:`cpu_config_problems` as config keys to
+change (SyncBN, float16/AMP, test batch size), so a run fails early with the key, its value and
+the value needed instead of deep inside PyTorch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+
+def _is_cuda(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return False
+
+
+@dataclass
+class CpuProblem:
+    """A config value that cannot work on CPU, and the value that does."""
+
+    key: str
+    value: Any
+    needed: Any
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: is {self.value!r}, needs {self.needed!r} on CPU ({self.why})"
+
+
+def _get(cfgs: Dict[str, Any], key: str) -> Any:
+    cur: Any = cfgs
+    for part in key.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _set(cfgs: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = cfgs
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = value
+
+
+def cpu_config_problems(cfgs: Dict[str, Any], world_size: int, training: bool) -> List[CpuProblem]:
+    """Config keys that must change for a CPU/gloo run with ``world_size`` processes."""
+    probs = []
+    if training and _get(cfgs, "trainer_cfg.sync_BN"):
+        probs.append(CpuProblem("trainer_cfg.sync_BN", _get(cfgs, "trainer_cfg.sync_BN"), False,
+                                "SyncBatchNorm runs on CUDA only"))
+    for sec in (("trainer_cfg",) if training else ()) + ("evaluator_cfg",):
+        if _get(cfgs, f"{sec}.enable_float16"):
+            probs.append(CpuProblem(f"{sec}.enable_float16", True, False,
+                                    "OpenGait's float16 path uses torch.cuda.amp (GradScaler/autocast for CUDA)"))
+    bs = _get(cfgs, "evaluator_cfg.sampler.batch_size")
+    with_test = bool(_get(cfgs, "trainer_cfg.with_test")) if training else True
+    if with_test and bs != world_size:
+        probs.append(CpuProblem("evaluator_cfg.sampler.batch_size", bs, world_size,
+                                "OpenGait's test needs batch size == number of processes"))
+    return probs
+
+
+def apply_cpu_overrides(cfgs: Dict[str, Any], problems: List[CpuProblem]) -> None:
+    """Set every problem's key to its needed value (``--cpu-overrides``)."""
+    for p in problems:
+        _set(cfgs, p.key, p.needed)
+
+
+class CpuRuntime:
+    """Installs the CPU redirections; ``uninstall`` restores every replaced attribute."""
+
+    def __init__(self) -> None:
+        self._saved: List[Tuple[Any, str, Any]] = []
+
+    def _replace(self, owner: Any, name: str, value: Any) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def install(self, og: Any, extra_namespaces: Tuple[Any, ...] = ()) -> "CpuRuntime":
+        """Redirect ``og`` (from :func:`~qgait_plugin.opengait.env.import_opengait`) to CPU."""
+        orig_module_to: Callable = nn.Module.to
+        orig_load: Callable = torch.load
+
+        def module_to(self_: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+            args = tuple(torch.device("cpu") if _is_cuda(a) else a for a in args)
+            if _is_cuda(kwargs.get("device")):
+                kwargs["device"] = torch.device("cpu")
+            return orig_module_to(self_, *args, **kwargs)
+
+        def load(*args: Any, **kwargs: Any) -> Any:
+            ml = kwargs.get("map_location")
+            if _is_cuda(ml):
+                kwargs["map_location"] = "cpu"
+            return orig_load(*args, **kwargs)
+
+        ddp_cls = og.common.DDPPassthrough
+
+        def get_ddp_module(module: nn.Module, find_unused_parameters: bool = False, **kwargs: Any) -> nn.Module:
+            if not any(True for _ in module.parameters()):
+                return module
+            return ddp_cls(module, find_unused_parameters=find_unused_parameters, **kwargs)
+
+        self._replace(torch.cuda, "set_device", lambda *a, **k: None)
+        self._replace(torch.Tensor, "cuda", lambda self_, *a, **k: self_)
+        self._replace(nn.Module, "cuda", lambda self_, *a, **k: self_)
+        self._replace(nn.Module, "to", module_to)
+        self._replace(torch, "load", load)
+        for ns in (og.common, og.utils, og.loss_aggregator) + tuple(extra_namespaces):
+            if hasattr(ns, "get_ddp_module"):
+                self._replace(ns, "get_ddp_module", get_ddp_module)
+        return self
+
+    def uninstall(self) -> None:
+        while self._saved:
+            owner, name, value = self._saved.pop()
+            setattr(owner, name, value)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a single-process ``env://`` rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_process_group(device: str, env: Optional[Dict[str, str]] = None) -> None:
+    """``env://`` process group: gloo on CPU, NCCL on CUDA; single-process defaults when not under torchrun."""
+    import os
+
+    import torch.distributed as dist
+
+    env = os.environ if env is None else env
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(free_port()))
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("RANK", "0")
+    env.setdefault("LOCAL_RANK", "0")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method="env://")

@@ -1,0 +1,57 @@
+"""Every silhouette model of OpenGait's zoo builds, converts at W4A4, runs forward + backward and
+has >= 95 % of its MACs quantized (skipped without OPENGAIT_ROOT)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = [pytest.mark.opengait, pytest.mark.slow,
+              pytest.mark.skipif(not os.environ.get("OPENGAIT_ROOT"), reason="needs an OpenGait checkout in OPENGAIT_ROOT")]
+
+
+@pytest.fixture(scope="module")
+def og():
+    from qgait_plugin.opengait.env import import_opengait
+    from qgait_plugin.opengait.registry import register
+
+    og = import_opengait()
+    register(og)
+    return og
+
+
+MODELS = ["GaitBase", "DeepGaitV2-2d", "DeepGaitV2-p3d", "DeepGaitV2-3d", "GaitSet", "GaitPart", "GaitGL", "GLN",
+          "SwinGait"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zoo_model_quantizes_at_w4a4(og, name):
+    from qgait_plugin.opengait.zoo import check_model
+
+    r = check_model(og, name, bits=4, small=True)
+    assert r["quantizers"] > 0
+    assert r["steps_with_grad"] == r["quantizers"], f"{name}: some steps got no gradient"
+    assert r["quantized_mac_fraction"] >= 0.95, r["report"].table()
+
+
+def test_fc_handlers_quantize_what_is_multiplied(og):
+    """SeparateBNNecks multiplies normalised features by a column-normalised fc_bin: the weight
+    quantizer must see the normalised weight (its steps stay below 1) and the logits must sit on
+    the product grid of the two quantizers."""
+    import torch
+
+    from qgait_plugin import QuantConfig, quantize_model
+
+    neck = og.modules.SeparateBNNecks(parts_num=2, in_channels=8, class_num=5)
+    fcs = og.modules.SeparateFCs(parts_num=2, in_channels=8, out_channels=8)
+    net = torch.nn.Sequential(fcs, neck)
+    with torch.no_grad():
+        neck.fc_bin.mul_(50.0)  # raw weights far from unit norm
+    quantize_model(net, QuantConfig.from_dict({"weight": {"bits": 4}, "act": {"bits": 4}, "first_layer_act": True}))
+    x = torch.randn(6, 8, 2)
+    feat, logits = neck(fcs(x))
+    assert float(neck.weight_quant.step.detach().max()) < 1.0
+    assert torch.allclose(feat.norm(dim=1), torch.ones(6, 2), atol=1e-5)
+    w = neck.quantized_weight  # [p, c, classes]
+    grid = (w / neck.weight_quant.step.clamp_min(1e-8))
+    assert torch.allclose(grid, grid.round(), atol=1e-4) and float(grid.abs().max()) <= 7 + 1e-4
