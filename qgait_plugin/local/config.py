@@ -1,0 +1,237 @@
+"""Load an OpenGait-style YAML for the built-in host.
+
+The built-in host reads the same sections as OpenGait (``data_cfg``, ``model_cfg``, ``loss_cfg``,
+``optimizer_cfg``, ``scheduler_cfg``, ``trainer_cfg``, ``evaluator_cfg``) plus ``quant:``, so a user
+moves between the two with one vocabulary. The user's file is merged into :data:`DEFAULTS`; every
+key in a section we read must be one we use or one OpenGait has that we knowingly ignore (listed in
+:data:`IGNORED_KEYS`). Anything else is a typo or a feature we lack, and we say so instead of
+silently training something other than what the user wrote.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+from ..config import ConfigError, QuantConfig
+
+#: Built-in defaults: a compact GaitBase-style model on 32 x 22 silhouettes, sized for a CPU.
+DEFAULTS: Dict[str, Any] = {
+    "data_cfg": {
+        "dataset_name": "SynthGait",
+        "dataset_root": "datasets/synth",
+        "dataset_partition": "datasets/synth/partition.json",
+        "test_dataset_name": None,
+        "num_workers": 0,
+        "cache": True,
+        "resolution": [32, 22],
+    },
+    "model_cfg": {
+        "model": "GaitBaseLite",
+        "channels": [16, 32, 64],
+        "layers": [1, 1, 1],
+        "strides": [1, 2, 1],
+        "bin_num": [16],
+        "SeparateFCs": {"out_channels": 64},
+        "SeparateBNNecks": {"class_num": 74},
+    },
+    "loss_cfg": [
+        {"type": "TripletLoss", "loss_term_weight": 1.0, "margin": 0.2, "log_prefix": "triplet"},
+        {"type": "CrossEntropyLoss", "loss_term_weight": 1.0, "scale": 1.0, "label_smooth": 0.1,
+         "log_prefix": "softmax"},
+    ],
+    "optimizer_cfg": {"solver": "Adam", "lr": 1e-3, "weight_decay": 5e-4, "momentum": 0.9},
+    "scheduler_cfg": {"scheduler": "MultiStepLR", "milestones": [], "gamma": 0.1},
+    "trainer_cfg": {
+        "save_name": "tmp",
+        "output_root": "output",
+        "total_iter": 300,
+        "save_iter": 100,
+        "log_iter": 25,
+        "restore_hint": 0,
+        "restore_ckpt_strict": True,
+        "with_test": False,
+        "seed": 0,
+        "device": "auto",
+        "num_threads": 0,
+        "sampler": {"batch_size": [8, 4], "frames_num_fixed": 12, "type": "TripletSampler",
+                    "sample_type": "fixed_unordered"},
+        "transform": [{"type": "BaseSilCuttingTransform"}],
+    },
+    "evaluator_cfg": {
+        "restore_hint": 0,
+        "restore_ckpt_strict": True,
+        "save_name": None,
+        "metric": "euc",
+        "eval_func": "evaluate_indoor_dataset",
+        "sampler": {"batch_size": 1, "sample_type": "all_ordered", "type": "InferenceSampler",
+                    "frames_all_limit": 64},
+        "transform": [{"type": "BaseSilCuttingTransform"}],
+    },
+}
+
+#: Keys OpenGait configs carry that this host reads past on purpose (single process, CPU, no AMP).
+IGNORED_KEYS: Dict[str, Tuple[str, ...]] = {
+    "data_cfg": ("remove_no_gallery", "data_in_use", "test_dataset_root"),
+    "model_cfg": ("backbone_cfg", "Backbone", "block"),
+    "optimizer_cfg": (),
+    "scheduler_cfg": (),
+    "trainer_cfg": ("enable_float16", "fix_BN", "sync_BN", "find_unused_parameters", "optimizer_reset",
+                    "scheduler_reset"),
+    "evaluator_cfg": ("enable_float16", "cross_view_gallery"),
+}
+IGNORED_SAMPLER_KEYS = ("batch_shuffle", "frames_num_max", "frames_num_min", "frames_skip_num")
+
+SECTIONS = ("data_cfg", "model_cfg", "loss_cfg", "optimizer_cfg", "scheduler_cfg", "trainer_cfg", "evaluator_cfg")
+LOSS_KEYS = {
+    "TripletLoss": ("type", "loss_term_weight", "margin", "log_prefix"),
+    "CrossEntropyLoss": ("type", "loss_term_weight", "scale", "label_smooth", "log_prefix", "log_accuracy"),
+}
+SOLVERS = ("SGD", "Adam", "AdamW")
+SCHEDULERS = ("MultiStepLR",)
+MODELS = ("GaitBaseLite",)
+
+
+def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    """Recursive dict merge; lists and scalars in ``over`` replace those in ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _check_section(user: Mapping[str, Any], name: str, src: str) -> None:
+    """Every key of a user section must be a default key or an explicitly ignored OpenGait key."""
+    sec = user.get(name)
+    if sec is None:
+        return
+    if name == "loss_cfg":
+        items = sec if isinstance(sec, list) else [sec]
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping) or item.get("type") not in LOSS_KEYS:
+                raise ConfigError(f"{src}: loss_cfg[{i}]: expected a mapping with type one of {list(LOSS_KEYS)}, "
+                                  f"got {item!r}")
+            for k in item:
+                if k not in LOSS_KEYS[item["type"]]:
+                    raise ConfigError(f"{src}: loss_cfg[{i}].{k}: unknown key for {item['type']}; "
+                                      f"allowed: {list(LOSS_KEYS[item['type']])}")
+        return
+    if not isinstance(sec, Mapping):
+        raise ConfigError(f"{src}: {name}: expected a mapping, got {type(sec).__name__} {sec!r}")
+    allowed = set(DEFAULTS[name]) | set(IGNORED_KEYS[name])
+    for k, v in sec.items():
+        if k not in allowed:
+            raise ConfigError(f"{src}: {name}.{k}: unknown key; this host reads {sorted(DEFAULTS[name])} "
+                              f"and ignores OpenGait's {list(IGNORED_KEYS[name])}")
+        if k == "sampler" and isinstance(v, Mapping):
+            ok = set(DEFAULTS[name]["sampler"]) | set(IGNORED_SAMPLER_KEYS)
+            for sk in v:
+                if sk not in ok:
+                    raise ConfigError(f"{src}: {name}.sampler.{sk}: unknown key; allowed: {sorted(ok)}")
+        if name == "model_cfg" and k in ("SeparateFCs", "SeparateBNNecks") and isinstance(v, Mapping):
+            ok = {"SeparateFCs": ("in_channels", "out_channels", "parts_num"),
+                  "SeparateBNNecks": ("class_num", "in_channels", "parts_num")}[k]
+            for sk in v:
+                if sk not in ok:
+                    raise ConfigError(f"{src}: model_cfg.{k}.{sk}: unknown key; allowed: {list(ok)}")
+
+
+def _validate(cfg: Dict[str, Any], src: str) -> None:
+    """Values: the handful of choices and shapes the host depends on."""
+    m = cfg["model_cfg"]
+    if m["model"] not in MODELS:
+        raise ConfigError(f"{src}: model_cfg.model: {m['model']!r} is not a built-in model; choose one of {list(MODELS)} "
+                          "(OpenGait's models run through the OpenGait host)")
+    for key in ("channels", "layers", "strides"):
+        v = m[key]
+        if not isinstance(v, list) or not v or not all(isinstance(x, int) and x > 0 for x in v):
+            raise ConfigError(f"{src}: model_cfg.{key}: expected a non-empty list of positive ints, got {v!r}")
+    if not (len(m["channels"]) == len(m["layers"]) == len(m["strides"])):
+        raise ConfigError(f"{src}: model_cfg.channels/layers/strides must have the same length, got "
+                          f"{m['channels']}, {m['layers']}, {m['strides']}")
+    s = cfg["trainer_cfg"]["sampler"]
+    bs = s["batch_size"]
+    if not (isinstance(bs, list) and len(bs) == 2 and all(isinstance(x, int) and x > 0 for x in bs)):
+        raise ConfigError(f"{src}: trainer_cfg.sampler.batch_size: expected [P, K] positive ints, got {bs!r}")
+    if bs[0] < 2:
+        raise ConfigError(f"{src}: trainer_cfg.sampler.batch_size: P={bs[0]}; triplets need at least 2 identities")
+    if s.get("sample_type", "fixed_unordered") != "fixed_unordered":
+        raise ConfigError(f"{src}: trainer_cfg.sampler.sample_type: {s['sample_type']!r}; this host supports fixed_unordered")
+    if cfg["optimizer_cfg"]["solver"] not in SOLVERS:
+        raise ConfigError(f"{src}: optimizer_cfg.solver: {cfg['optimizer_cfg']['solver']!r}; choose one of {list(SOLVERS)}")
+    if cfg["scheduler_cfg"]["scheduler"] not in SCHEDULERS:
+        raise ConfigError(f"{src}: scheduler_cfg.scheduler: {cfg['scheduler_cfg']['scheduler']!r}; "
+                          f"choose one of {list(SCHEDULERS)}")
+    if cfg["evaluator_cfg"]["metric"] not in ("euc", "cos"):
+        raise ConfigError(f"{src}: evaluator_cfg.metric: {cfg['evaluator_cfg']['metric']!r}; choose euc or cos")
+    if cfg["evaluator_cfg"]["eval_func"] != "evaluate_indoor_dataset":
+        raise ConfigError(f"{src}: evaluator_cfg.eval_func: {cfg['evaluator_cfg']['eval_func']!r}; the built-in host "
+                          "implements the CASIA-B protocol only (evaluate_indoor_dataset)")
+    if s.get("type", "TripletSampler") != "TripletSampler":
+        raise ConfigError(f"{src}: trainer_cfg.sampler.type: {s['type']!r}; this host trains with TripletSampler (P x K)")
+    res = cfg["data_cfg"]["resolution"]
+    if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
+        raise ConfigError(f"{src}: data_cfg.resolution: expected [height, width] after cutting, e.g. [64, 44] "
+                          f"or [32, 22], got {res!r}")
+    for key in ("total_iter", "save_iter", "log_iter"):
+        v = cfg["trainer_cfg"][key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"{src}: trainer_cfg.{key}: expected an int >= 0, got {v!r}")
+
+
+def build_config(user: Optional[Mapping[str, Any]] = None, src: str = "<dict>") -> Dict[str, Any]:
+    """Merge ``user`` into the defaults, check it, and parse ``quant:`` into a :class:`QuantConfig`.
+
+    The returned dict keeps the OpenGait shape; ``cfg["quant"]`` is a QuantConfig or None.
+    """
+    user = dict(user or {})
+    for k in user:
+        if k not in SECTIONS and k != "quant":
+            raise ConfigError(f"{src}: {k}: unknown top-level section; allowed: {list(SECTIONS) + ['quant']}")
+    for name in SECTIONS:
+        _check_section(user, name, src)
+    cfg = _merge({k: v for k, v in DEFAULTS.items() if k != "loss_cfg"}, {k: v for k, v in user.items()
+                                                                         if k not in ("loss_cfg", "quant")})
+    loss = user.get("loss_cfg", DEFAULTS["loss_cfg"])
+    cfg["loss_cfg"] = copy.deepcopy(loss if isinstance(loss, list) else [loss])
+    _validate(cfg, src)
+    q = user.get("quant")
+    try:
+        cfg["quant"] = QuantConfig.from_dict(q) if q is not None else None
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+    return cfg
+
+
+def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Read a YAML file (plus optional programmatic ``overrides`` merged on top) into a checked config."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    with open(path) as f:
+        user = yaml.safe_load(f) or {}
+    if not isinstance(user, Mapping):
+        raise ConfigError(f"{path}: expected a YAML mapping of config sections, got {type(user).__name__}")
+    if overrides:
+        user = _merge(dict(user), overrides)
+    return build_config(user, src=path)
+
+
+def output_dir(cfg: Mapping[str, Any], save_name: Optional[str] = None) -> str:
+    """``<output_root>/<dataset>/<model>/<save_name>``, OpenGait's layout."""
+    t = cfg["trainer_cfg"]
+    return os.path.join(t["output_root"], cfg["data_cfg"]["dataset_name"], cfg["model_cfg"]["model"],
+                        save_name or t["save_name"])
+
+
+def loss_terms(cfg: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The loss list with each term's defaults filled in."""
+    out = []
+    for item in cfg["loss_cfg"]:
+        base = next(d for d in DEFAULTS["loss_cfg"] if d["type"] == item["type"])
+        out.append({**base, **item})
+    return out

@@ -1,0 +1,147 @@
+"""``qgait demo``: the whole method on a fresh CPU machine, in minutes.
+
+Steps, each timed and printed: generate the data set (if missing) -> train FP -> evaluate FP ->
+for W8A8 and W4A4, fine-tune from the FP checkpoint with plain LSQ-STE and with QGait (STE phase,
+then soft rounding + IDD) on the same iteration budget -> evaluate each -> write ``results.md``,
+``results.json`` and plots into the output folder. The run is driven by ``configs/demo/*.yaml``
+(real configs a user can pass to ``qgait train``); the demo overrides only paths, and sizes for
+``--quick``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w4a4_lsq", "w4a4_qgait")
+
+#: generator settings of the default demo set (CASIA-B structure, fewer views and frames for CPU time)
+DATA_DEFAULT: Dict[str, Any] = dict(subjects=50, frames=20, views=(0, 36, 72, 108, 144, 180), height=64, width=56)
+#: the --quick set: enough structure for every condition, tiny everywhere else
+DATA_QUICK: Dict[str, Any] = dict(subjects=8, frames=8, views=(0, 90), height=64, width=56)
+
+QUICK_FP = {"trainer_cfg": {"total_iter": 20, "save_iter": 20, "log_iter": 5,
+                            "sampler": {"batch_size": [4, 2], "frames_num_fixed": 6}},
+            "scheduler_cfg": {"milestones": []},
+            "evaluator_cfg": {"sampler": {"frames_all_limit": 8}}}
+QUICK_QAT_ITERS = 6
+
+
+def demo_config_dir() -> Path:
+    """``configs/demo`` of the source tree (next to the package)."""
+    d = Path(__file__).resolve().parents[2] / "configs" / "demo"
+    if not (d / "fp.yaml").is_file():
+        raise FileNotFoundError(f"demo configs not found at {d}; run from a checkout of qgait-plugin "
+                                "(or pass --configs DIR with fp.yaml, w8a8_lsq.yaml, ...)")
+    return d
+
+
+def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _step(name: str, timings: Dict[str, float]):
+    """Context manager printing and recording a step's wall time."""
+
+    class _T:
+        def __enter__(self):
+            print(f"[demo] {name} ...", flush=True)
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = time.perf_counter() - self.t0
+            if exc[0] is None:
+                print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
+
+    return _T()
+
+
+def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progress: bool = True,
+             threads: int = 0) -> Dict[str, Any]:
+    """Run every step into ``out``; returns the results dict also written to ``results.json``."""
+    import numpy as np
+    import torch
+
+    from ..quant.size import model_size_bytes
+    from .config import load_config
+    from .evaluate import inter_class_distances
+    from .report import plot_accuracy, plot_distances, plot_training_curves, write_tables
+    from .trainer import Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg_dir = Path(configs) if configs else demo_config_dir()
+    out_p = Path(out)
+    data = out_p / "data"
+    part = data / "partition.json"
+    timings: Dict[str, float] = {}
+    t_all = time.perf_counter()
+    with _step("generate data", timings):
+        if part.is_file():
+            print(f"[demo] using existing data set {data}")
+        else:
+            from ..synth import generate_dataset
+
+            generate_dataset(data, seed=0, progress=progress, workers=1 if quick else 2,
+                             **(DATA_QUICK if quick else DATA_DEFAULT))
+    paths = {"data_cfg": {"dataset_root": str(data), "dataset_partition": str(part)},
+             "trainer_cfg": {"output_root": str(out_p / "output")}}
+    if threads:
+        paths["trainer_cfg"]["num_threads"] = threads
+
+    results: Dict[str, Dict[str, Any]] = {}
+    histories: Dict[str, Any] = {}
+    distances: Dict[str, np.ndarray] = {}
+    fp_ckpt = None
+    for name in METHODS:
+        over = _merge(paths, QUICK_FP) if quick else copy.deepcopy(paths)
+        if name != "fp":
+            over = _merge(over, {"quant": {"init_from": fp_ckpt}})
+            if quick:
+                half = QUICK_QAT_ITERS // 2
+                sched = {"ste_iters": QUICK_QAT_ITERS, "soft_iters": 0} if name.endswith("lsq") else \
+                    {"ste_iters": half, "soft_iters": QUICK_QAT_ITERS - half}
+                over = _merge(over, {"trainer_cfg": {"total_iter": QUICK_QAT_ITERS, "save_iter": QUICK_QAT_ITERS},
+                                     "quant": {"schedule": sched}})
+        cfg = load_config(str(cfg_dir / f"{name}.yaml"), overrides=over)
+        trainer = Trainer(cfg, progress=progress)
+        with _step(f"train {name}", timings):
+            tr = trainer.train()
+        if name == "fp":
+            fp_ckpt = tr["checkpoint"]
+        with _step(f"eval {name}", timings):
+            ev = trainer.evaluate()
+        q = cfg["quant"]
+        results[name] = {
+            "rank1": {k: round(v, 2) for k, v in ev["rank1"].items()},
+            "rank1_per_view": ev["rank1_per_view"],
+            "mAP": round(ev["mAP"], 2),
+            "size_bytes": int(model_size_bytes(trainer.model)),
+            "weight_bits": 32 if q is None else q.weight.bits,
+            "act_bits": 32 if q is None else q.act.bits,
+            "train_seconds": round(tr["train_seconds"], 1),
+            "iterations": tr["iteration"],
+            "config": str(cfg_dir / f"{name}.yaml"),
+        }
+        histories[name] = tr["history"]
+        distances[name] = inter_class_distances(ev["embeddings"], ev["ids"])
+        del trainer
+    with _step("report", timings):
+        os.makedirs(out_p, exist_ok=True)
+        plot_accuracy(str(out_p / "accuracy.png"), results)
+        plot_distances(str(out_p / "distances.png"), distances)
+        plot_training_curves(str(out_p / "training_curves.png"), histories)
+        timings["total"] = time.perf_counter() - t_all
+        md = write_tables(str(out_p), results, extra={
+            "quick": quick, "step_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "data": {k: list(v) if isinstance(v, tuple) else v for k, v in (DATA_QUICK if quick else DATA_DEFAULT).items()},
+            "torch_threads": torch.get_num_threads()})
+    print("\n" + md + "\n")
+    print(f"[demo] wrote {out_p}/results.md, results.json, accuracy.png, distances.png, training_curves.png "
+          f"in {timings['total']:.0f} s")
+    return results

@@ -1,0 +1,258 @@
+"""Single-process trainer and evaluator of the built-in host.
+
+One object owns a run: the model (quantized when the config has ``quant:``), the optimizer and LR
+scheduler, the P x K sampler, the optional FP teacher for IDD and the two-phase schedule. It
+trains for ``trainer_cfg.total_iter`` iterations with a tqdm bar (loss, lr), saves atomic
+checkpoints every ``save_iter`` iterations and at the end, resumes from them, and evaluates with
+the CASIA-B protocol. CPU by default, CUDA when present (``trainer_cfg.device``).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+from .checkpoint import checkpoint_path, load_checkpoint, save_atomic
+from .config import loss_terms, output_dir
+from .data import TripletSampler, collate_fixed, load_split
+from .evaluate import casia_b_protocol, extract_embeddings
+from .losses import build_losses
+from .model import build_model
+
+QUANT_KEY_PARTS = ("weight_quant.", "act_quant.")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_fp_weights(model: torch.nn.Module, path: str) -> Dict[str, torch.Tensor]:
+    """Load an FP checkpoint into a (quantized) model; only quantizer keys may be missing.
+
+    Returns the FP state dict (the teacher is built from it).
+    """
+    state = load_checkpoint(path)["model"]
+    try:
+        res = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ConfigError(f"quant.init_from: {path} does not fit the model built from model_cfg: {e}") from None
+    bad_missing = [k for k in res.missing_keys if not any(p in k for p in QUANT_KEY_PARTS)]
+    if bad_missing or res.unexpected_keys:
+        raise ConfigError(f"quant.init_from: {path} does not match the model: missing {bad_missing[:5]}, "
+                          f"unexpected {list(res.unexpected_keys)[:5]} (is it a checkpoint of the same model_cfg?)")
+    return state
+
+
+class Trainer:
+    """Build everything a run needs from a checked config (see :mod:`qgait_plugin.local.config`)."""
+
+    def __init__(self, cfg: Dict[str, Any], progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        t = cfg["trainer_cfg"]
+        if t.get("num_threads"):
+            torch.set_num_threads(int(t["num_threads"]))
+        self.device = pick_device(t.get("device", "auto"))
+        seed = int(t.get("seed", 0))
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        self.rng = random.Random(seed + 1)
+        self.out_dir = output_dir(cfg)
+        self.save_name = t["save_name"]
+        self.quant = cfg.get("quant")
+        self.model = build_model(cfg["model_cfg"])
+        self.fp_state: Optional[Dict[str, torch.Tensor]] = None
+        if self.quant is not None:
+            from ..quant.convert import quantize_model
+            from .model import register_quant_handlers
+
+            register_quant_handlers()
+            quantize_model(self.model, self.quant)
+        self.model.to(self.device)
+        self.iteration = 0
+        self.history: List[Dict[str, float]] = []
+        self.train_seconds = 0.0
+        self._train_seqs = None
+        self.optimizer = None
+
+    # -- training setup ---------------------------------------------------------------------
+    def _setup_training(self) -> None:
+        cfg, t = self.cfg, self.cfg["trainer_cfg"]
+        self.losses = build_losses(loss_terms(cfg))
+        self.teacher = None
+        self.idd = None
+        self.schedule = None
+        if self.quant is not None and t["restore_hint"] in (0, None):
+            if not self.quant.init_from:
+                raise ConfigError("quant.init_from: QAT starts from a full-precision checkpoint; give its path")
+            self.fp_state = load_fp_weights(self.model, self.quant.init_from)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.quant is not None:
+            from ..distill import idd_param_groups
+            from ..schedule import QGaitSchedule
+
+            self.schedule = QGaitSchedule.from_config(self.quant)
+            # step sizes in their own group without weight decay, for LSQ and QGait alike
+            params = idd_param_groups(self.model, "all")
+            if self.quant.idd.enabled:
+                from ..distill import IDDLoss, idd_param_groups, make_teacher
+
+                if self.fp_state is None:
+                    self.fp_state = load_checkpoint(self.quant.init_from)["model"]
+                self.teacher = make_teacher(self.model, self.fp_state)
+                self.teacher.to(self.device)
+                self.idd = IDDLoss(weight=self.quant.idd.weight, criterion=self.quant.idd.criterion)
+                params = idd_param_groups(self.model, self.quant.idd.params)
+        o = dict(cfg["optimizer_cfg"])
+        solver = o.pop("solver")
+        kw = {"lr": o["lr"], "weight_decay": o.get("weight_decay", 0.0)}
+        if solver == "SGD":
+            self.optimizer = torch.optim.SGD(params, momentum=o.get("momentum", 0.9), **kw)
+        else:
+            self.optimizer = getattr(torch.optim, solver)(params, **kw)
+        s = cfg["scheduler_cfg"]
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, milestones=list(s["milestones"]),
+                                                              gamma=s["gamma"])
+        seqs = self.train_seqs()
+        ids = sorted({s.sid for s in seqs})
+        class_num = self.cfg["model_cfg"]["SeparateBNNecks"]["class_num"]
+        if len(ids) > class_num:
+            raise ConfigError(f"model_cfg.SeparateBNNecks.class_num: {class_num} but the training set has "
+                              f"{len(ids)} identities")
+        self.label_of = {sid: i for i, sid in enumerate(ids)}
+        p, k = t["sampler"]["batch_size"]
+        self.sampler = TripletSampler(seqs, p, k, seed=int(t.get("seed", 0)))
+        hint = t["restore_hint"]
+        if hint not in (0, None):
+            self.restore(hint, strict=t.get("restore_ckpt_strict", True))
+
+    def train_seqs(self):
+        if self._train_seqs is None:
+            self._train_seqs = load_split(self.cfg["data_cfg"], "TRAIN_SET", progress=self.progress)
+        return self._train_seqs
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        st = {"model": self.model.state_dict(), "iteration": self.iteration, "history": self.history,
+              "train_seconds": self.train_seconds, "rng": self.rng.getstate()}
+        if self.optimizer is not None:
+            st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                      sampler=self.sampler.state_dict())
+        if getattr(self, "schedule", None) is not None:
+            st["schedule"] = self.schedule.state_dict()
+        return st
+
+    def save(self) -> str:
+        path = checkpoint_path(self.out_dir, self.save_name, self.iteration)
+        save_atomic(self.state_dict(), path)
+        return path
+
+    def resolve(self, hint: Any, save_name: Optional[str] = None) -> str:
+        """Checkpoint path for a restore hint: int = this run's iteration (0/-1 = latest), str = a file."""
+        if isinstance(hint, str):
+            return hint
+        name = save_name or self.save_name
+        if hint in (0, -1, None):
+            files = glob.glob(os.path.join(output_dir(self.cfg, name), "checkpoints", f"{name}-*.pt"))
+            its = [int(m.group(1)) for f in files if (m := re.search(r"-(\d+)\.pt$", f))]
+            if not its:
+                raise FileNotFoundError(f"no checkpoint of {name!r} under {output_dir(self.cfg, name)}/checkpoints")
+            hint = max(its)
+        return checkpoint_path(output_dir(self.cfg, name), name, int(hint))
+
+    def restore(self, hint: Any, strict: bool = True, save_name: Optional[str] = None) -> None:
+        """Load model (+ optimizer, scheduler, iteration, schedule, RNGs when present and training)."""
+        path = self.resolve(hint, save_name)
+        ck = load_checkpoint(path)
+        self.model.load_state_dict(ck["model"], strict=strict)
+        if isinstance(hint, str) and "iteration" not in ck:
+            return
+        if self.optimizer is not None and isinstance(hint, int):
+            for key, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("sampler", self.sampler),
+                             ("schedule", getattr(self, "schedule", None))):
+                if key in ck and obj is not None:
+                    obj.load_state_dict(ck[key])
+            self.iteration = int(ck.get("iteration", 0))
+            self.history = list(ck.get("history", []))
+            self.train_seconds = float(ck.get("train_seconds", 0.0))
+            if "rng" in ck:
+                self.rng.setstate(ck["rng"])
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        """Train to ``total_iter``; returns ``{"iteration", "train_seconds", "history", "checkpoint"}``."""
+        from tqdm import tqdm
+
+        if self.optimizer is None:
+            self._setup_training()
+        t = self.cfg["trainer_cfg"]
+        total, save_iter, log_iter = t["total_iter"], t["save_iter"], max(1, t["log_iter"])
+        frames = t["sampler"]["frames_num_fixed"]
+        seqs = self.train_seqs()
+        self.model.train()
+        bar = tqdm(total=total, initial=self.iteration, desc=f"train {self.save_name}", dynamic_ncols=True,
+                   disable=not self.progress)
+        last = None
+        while self.iteration < total:
+            t0 = time.perf_counter()
+            if self.schedule is not None:
+                self.schedule.apply(self.iteration, self.model, self.optimizer, self.scheduler)
+            sils, labels = collate_fixed(seqs, self.sampler.sample(), frames, self.rng, self.label_of)
+            sils, labels = sils.to(self.device), labels.to(self.device)
+            out = self.model(sils)
+            total_loss = torch.zeros((), device=self.device)
+            rec: Dict[str, float] = {}
+            for prefix, w, key, fn in self.losses:
+                loss, info = fn(out[key], labels)
+                total_loss = total_loss + w * loss
+                rec[prefix] = float(loss.detach())
+                rec.update(info)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_emb = self.teacher(sils)["embeddings"]
+                idd_loss, _ = self.idd(out["embeddings"], t_emb, labels)
+                total_loss = total_loss + idd_loss
+                rec["idd"] = float(idd_loss.detach())
+            self.optimizer.zero_grad(set_to_none=True)
+            total_loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.iteration += 1
+            self.train_seconds += time.perf_counter() - t0
+            lr = self.optimizer.param_groups[0]["lr"]
+            rec.update(iteration=self.iteration, loss=float(total_loss.detach()), lr=lr)
+            self.history.append(rec)
+            bar.update(1)
+            if self.iteration % log_iter == 0 or self.iteration == total:
+                bar.set_postfix(loss=f"{float(total_loss.detach()):.3f}", lr=f"{lr:.2e}")
+            if (save_iter and self.iteration % save_iter == 0) or self.iteration == total:
+                last = self.save()
+        bar.close()
+        if last is None and self.iteration > 0:
+            last = self.save()
+        return {"iteration": self.iteration, "train_seconds": self.train_seconds, "history": self.history,
+                "checkpoint": last}
+
+    # -- evaluation --------------------------------------------------------------------------
+    def evaluate(self, restore: bool = False) -> Dict[str, Any]:
+        """CASIA-B protocol on TEST_SET; with ``restore`` load ``evaluator_cfg.restore_hint`` first."""
+        e = self.cfg["evaluator_cfg"]
+        if restore:
+            self.restore(e["restore_hint"], strict=e.get("restore_ckpt_strict", True), save_name=e.get("save_name"))
+        test = load_split(self.cfg["data_cfg"], "TEST_SET", progress=self.progress)
+        emb = extract_embeddings(self.model, test, self.device, e["sampler"].get("frames_all_limit", 0),
+                                 desc=f"eval {self.save_name}", progress=self.progress)
+        res = casia_b_protocol(emb, [s.sid for s in test], [s.type for s in test], [s.view for s in test],
+                               metric=e["metric"])
+        res["embeddings"] = emb
+        res["ids"] = [s.sid for s in test]
+        return res
