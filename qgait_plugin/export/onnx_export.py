@@ -13,7 +13,7 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import Any, Dict, Iterator, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -111,14 +111,17 @@ def _fold_weight_quantize(onnx_model: Any) -> int:
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str, opset: int = 17,
                 input_names: Sequence[str] = ("input",), output_names: Sequence[str] = ("output",),
-                dynamic_batch: bool = True) -> Dict[str, Any]:
-    """Export ``model`` (converted, initialised) to ``path``; written atomically. Returns a summary."""
+                dynamic_batch: bool = True, dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None) -> Dict[str, Any]:
+    """Export ``model`` (converted, initialised) to ``path``; written atomically. Returns a summary.
+
+    ``dynamic_axes`` (torch's format) replaces the default of a dynamic batch dimension.
+    """
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - depends on the install
         raise RuntimeError("ONNX export needs the export extra: pip install -e '.[export]'") from e
     args = tuple(example_inputs)
-    dyn = {n: {0: "batch"} for n in list(input_names) + list(output_names)} if dynamic_batch else None
+    dyn = dynamic_axes or ({n: {0: "batch"} for n in list(input_names) + list(output_names)} if dynamic_batch else None)
     out_dir = os.path.dirname(os.path.abspath(path))
     os.makedirs(out_dir, exist_ok=True)
     with export_mode(model), tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():

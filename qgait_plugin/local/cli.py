@@ -26,6 +26,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the configs' num_threads)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.set_defaults(func=_demo)
+    from . import export_cmd
+
+    p = subparsers.add_parser("export", help="a trained QAT checkpoint out as ONNX with integer weights (+ packed file)",
+                              description=export_cmd.__doc__)
+    export_cmd.add_arguments(p)
+    p.set_defaults(func=export_cmd.run_args)
 
 
 def _fmt(res: dict) -> str:

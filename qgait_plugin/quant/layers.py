@@ -76,6 +76,13 @@ class _QuantParamForward(QuantLayerMixin):
             return super().forward(x, *args, **kwargs)  # type: ignore[misc]
         w = self.weight_quant(getattr(self, self.qgait_param))
         x = self.act_quant(x)
+        if torch.jit.is_tracing():  # functional_call refuses traced modules: swap the entry by hand
+            original = self._parameters[self.qgait_param]
+            self._parameters[self.qgait_param] = w  # type: ignore[assignment]
+            try:
+                return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+            finally:
+                self._parameters[self.qgait_param] = original
         object.__setattr__(self, "_qgait_in_call", True)
         try:
             return functional_call(self, {self.qgait_param: w}, (x, *args), kwargs)  # type: ignore[arg-type]
