@@ -29,3 +29,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     assert "| w4a4_qgait |" in (out / "results.md").read_text()
     assert "| w4a4_qgait |" in capsys.readouterr().out
+
+    # the ablation reruns QAT variants from the finished demo's data and FP checkpoint
+    assert main(["ablate", "--demo-dir", str(out), "--bits", "3", "--variants", "lsq,soft_noidd", "--iters", "2",
+                 "--quick", "--no-progress"]) == 0
+    abl = json.loads((out / "ablation_w3.json").read_text())
+    assert abl["bits"] == 3 and set(abl["results"]) == {"lsq", "soft_noidd"}
+    assert all(r["iterations"] == 2 for r in abl["results"].values())
+    assert "| soft_noidd |" in capsys.readouterr().out
+    assert main(["ablate", "--demo-dir", str(tmp_path / "missing")]) == 2

@@ -32,6 +32,12 @@ def add_commands(subparsers) -> None:
                               description=export_cmd.__doc__)
     export_cmd.add_arguments(p)
     p.set_defaults(func=export_cmd.run_args)
+    from . import ablation
+
+    p = subparsers.add_parser("ablate", help="LSQ vs QGait variants at another bit width, from a finished demo",
+                              description=ablation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ablation.add_arguments(p)
+    p.set_defaults(func=ablation.run_args)
 
 
 def _fmt(res: dict) -> str:

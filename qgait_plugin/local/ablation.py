@@ -1,0 +1,109 @@
+"""``qgait ablate``: LSQ vs QGait variants at one bit width, from a finished demo's data and FP checkpoint.
+
+The demo's W8A8/W4A4 runs recover FP accuracy too quickly to separate the methods; this reruns the
+demo's QAT configs at another bit width (e.g. 2) with the variants that isolate each part of QGait:
+
+- ``lsq``: STE for the whole budget (``configs/demo/w4a4_lsq.yaml`` with the bits changed);
+- ``qgait``: the demo's QGait (STE half, then soft rounding + IDD, lr x ``lr_scale``);
+- ``qgait_lr1``: QGait without the learning-rate drop at the switch;
+- ``soft_noidd``: QGait's two phases without IDD.
+
+Prints a Markdown table (rank-1 per condition, mean, mAP) and writes ``ablation_w<b>.json`` into the demo folder.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "lsq": {"base": "w4a4_lsq", "quant": {}},
+    "qgait": {"base": "w4a4_qgait", "quant": {}},
+    "qgait_lr1": {"base": "w4a4_qgait", "quant": {"schedule": {"lr_scale": 1.0}}},
+    "soft_noidd": {"base": "w4a4_qgait", "quant": {"idd": {"enabled": False}}},
+}
+
+
+def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, progress: bool = True,
+                 quick: bool = False) -> Dict[str, Any]:
+    """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes."""
+    from .config import load_config
+    from .demo import QUICK_FP, demo_config_dir
+    from .trainer import Trainer
+
+    d = Path(demo_dir)
+    part = d / "data" / "partition.json"
+    fp_dir = d / "output" / "SynthGait" / "GaitBaseLite" / "fp" / "checkpoints"
+    fp_ckpts = sorted(fp_dir.glob("fp-*.pt")) if fp_dir.is_dir() else []
+    if not part.is_file() or not fp_ckpts:
+        raise FileNotFoundError(f"{demo_dir}: needs a finished `qgait demo --out {demo_dir}` (data/partition.json and "
+                                f"the FP checkpoint under {fp_dir})")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    results: Dict[str, Any] = {}
+    for name in variants:
+        spec = VARIANTS[name]
+        over: Dict[str, Any] = {
+            "data_cfg": {"dataset_root": str(d / "data"), "dataset_partition": str(part)},
+            "trainer_cfg": {"output_root": str(d / "ablation"), "save_name": f"w{bits}a{bits}_{name}"},
+            "quant": _merge({"init_from": str(fp_ckpts[-1]), "weight": {"bits": bits}, "act": {"bits": bits}},
+                            spec["quant"]),
+        }
+        if quick:
+            over = _merge(over, {"trainer_cfg": {"sampler": QUICK_FP["trainer_cfg"]["sampler"]},
+                                 "evaluator_cfg": QUICK_FP["evaluator_cfg"]})
+        if iters:
+            sched = {"ste_iters": iters} if spec["base"].endswith("lsq") else {"ste_iters": iters // 2,
+                                                                             "soft_iters": iters - iters // 2}
+            over = _merge(over, {"trainer_cfg": {"total_iter": iters, "save_iter": iters}, "quant": {"schedule": sched}})
+        cfg = load_config(str(demo_config_dir() / f"{spec['base']}.yaml"), overrides=over)
+        tr = Trainer(cfg, progress=progress)
+        out = tr.train()
+        ev = tr.evaluate()
+        results[name] = {"rank1": {k: round(v, 2) for k, v in ev["rank1"].items()}, "mAP": round(ev["mAP"], 2),
+                         "iterations": out["iteration"], "train_seconds": round(out["train_seconds"], 1)}
+    (d / f"ablation_w{bits}.json").write_text(json.dumps({"bits": bits, "results": results}, indent=1))
+    return results
+
+
+def format_table(bits: int, results: Dict[str, Any]) -> str:
+    lines = [f"| W{bits}A{bits} variant | NM | BG | CL | mean | mAP | iterations |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        k = r["rank1"]
+        lines.append(f"| {name} | {k.get('NM', 0):.1f} | {k.get('BG', 0):.1f} | {k.get('CL', 0):.1f} | {k['mean']:.1f} | "
+                     f"{r['mAP']:.1f} | {r['iterations']} |")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--demo-dir", default="output/demo", help="a finished `qgait demo --out` folder")
+    p.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
+    p.add_argument("--variants", default="lsq,qgait,qgait_lr1,soft_noidd", help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--iters", type=int, default=0, help="iteration budget per run (default: the demo configs', 60)")
+    p.add_argument("--quick", action="store_true", help="the demo folder came from `qgait demo --quick`")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..config import ConfigError
+
+    try:
+        res = run_ablation(args.demo_dir, args.bits, [v for v in args.variants.split(",") if v], args.iters,
+                           progress=not args.no_progress, quick=args.quick)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"qgait ablate: {e}", file=sys.stderr)
+        return 2
+    print(format_table(args.bits, res))
+    return 0
