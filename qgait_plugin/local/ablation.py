@@ -13,7 +13,6 @@ Prints a Markdown table (rank-1 per condition, mean, mAP) and writes ``ablation_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 from typing import Any, Dict, List
@@ -26,18 +25,11 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
 def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, progress: bool = True,
                  quick: bool = False) -> Dict[str, Any]:
     """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes."""
     from .config import load_config
-    from .demo import QUICK_FP, demo_config_dir
+    from .demo import QUICK_FP, _merge, demo_config_dir
     from .trainer import Trainer
 
     d = Path(demo_dir)
