@@ -105,11 +105,21 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
     if device not in ("cpu", "cuda"):
         raise LaunchError(f"--device must be cpu or cuda, got {device!r}")
     cfg_path = Path(cfgs).resolve()
+    if not cfg_path.is_file():
+        raise LaunchError(f"--cfgs: {cfgs} does not exist (expected an OpenGait config YAML)")
     og = import_opengait(root)
     if plugin:  # off only to compare against untouched OpenGait
         register(og)
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(Path(workdir).resolve() if workdir else og.root)
     cfg = load_config(og, cfg_path)
+    data = cfg.get("data_cfg") or {}
+    for key in ("dataset_root", "dataset_partition"):
+        value = data.get(key)
+        if isinstance(value, str) and not os.path.exists(value):
+            raise LaunchError(f"{cfg_path}: data_cfg.{key} = {value!r} does not exist (relative paths are taken from "
+                              f"{os.getcwd()}); set it to your {'data set folder' if key == 'dataset_root' else 'partition JSON'}")
     if iteration:
         cfg["evaluator_cfg"]["restore_hint"] = int(iteration)
         cfg["trainer_cfg"]["restore_hint"] = int(iteration)
