@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import IDD_CRITERIA, IDD_PARAMS
-from .quant.convert import dequantize_model, iter_quantizers
+from .quant.convert import dequantize_model, iter_quantizers, unwrap_state_dict
 
 #: Smallest normaliser (mean inter-class distance) divided by; keeps a collapsed batch finite.
 _NORM_EPS = 1e-8
@@ -258,18 +258,6 @@ def _copy_network(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _strip_checkpoint(state_dict: Mapping[str, Any], model_keys: set) -> Dict[str, Any]:
-    """The model's state dict out of an OpenGait checkpoint (``{'model': ..., 'optimizer': ...}``) or
-    a DDP-saved one (``module.`` prefixes)."""
-    sd = state_dict
-    if "model" in sd and isinstance(sd["model"], Mapping) and "model" not in model_keys:
-        sd = sd["model"]
-    sd = dict(sd)
-    if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in model_keys):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
 def make_teacher(model: nn.Module, state_dict: Mapping[str, Any]) -> FrozenTeacher:
     """A frozen full-precision copy of ``model`` holding the weights of ``state_dict``.
 
@@ -290,7 +278,7 @@ def make_teacher(model: nn.Module, state_dict: Mapping[str, Any]) -> FrozenTeach
         teacher.__dict__.pop(attr, None)
     dequantize_model(teacher)
     teacher_keys = set(teacher.state_dict().keys())
-    sd = _strip_checkpoint(state_dict, teacher_keys)
+    sd = unwrap_state_dict(state_dict, teacher_keys)
     sd = {k: v for k, v in sd.items() if not k.startswith(quant_prefixes)}
     result = teacher.load_state_dict(sd, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..quant.convert import load_float_state_dict
 from .checkpoint import checkpoint_path, load_checkpoint, save_atomic
 from .config import loss_terms, output_dir
 from .data import TripletSampler, collate_fixed, load_split
 from .evaluate import casia_b_protocol, extract_embeddings
 from .losses import build_losses
 from .model import build_model
-
-QUANT_KEY_PARTS = ("weight_quant.", "act_quant.")
 
 
 def pick_device(name: str) -> torch.device:
@@ -40,16 +39,7 @@ def load_fp_weights(model: torch.nn.Module, path: str) -> Dict[str, torch.Tensor
 
     Returns the FP state dict (the teacher is built from it).
     """
-    state = load_checkpoint(path)["model"]
-    try:
-        res = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ConfigError(f"quant.init_from: {path} does not fit the model built from model_cfg: {e}") from None
-    bad_missing = [k for k in res.missing_keys if not any(p in k for p in QUANT_KEY_PARTS)]
-    if bad_missing or res.unexpected_keys:
-        raise ConfigError(f"quant.init_from: {path} does not match the model: missing {bad_missing[:5]}, "
-                          f"unexpected {list(res.unexpected_keys)[:5]} (is it a checkpoint of the same model_cfg?)")
-    return state
+    return load_float_state_dict(model, load_checkpoint(path)["model"], source=f"quant.init_from: {path}")
 
 
 class Trainer:

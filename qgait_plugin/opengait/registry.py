@@ -35,13 +35,11 @@ from torch import nn
 
 from ..config import ConfigError, QuantConfig
 from ..distill import attach_teacher, get_teacher, idd_param_groups, make_teacher
-from ..quant.convert import iter_quantizers, quantize_model
+from ..quant.convert import iter_quantizers, load_float_state_dict, quantize_model
 
 #: OpenGait loss ``type`` of the IDD loss, and the ``log_prefix`` used when the plugin adds it.
 IDD_LOSS_TYPE = "QGaitIDDLoss"
 IDD_LOG_PREFIX = "idd"
-#: Substrings of state-dict keys that only a quantized model has.
-PLUGIN_KEY_MARKERS = ("weight_quant.", "act_quant.", "qgait_state.")
 #: Called as ``hook(model, result_dict)`` after each test run of a registered model (rank 0 gets the result).
 RESULT_HOOKS: List[Callable[[nn.Module, Any], None]] = []
 #: The most recently constructed registered model (the launcher reads it after OpenGait's run).
@@ -60,10 +58,6 @@ def _state_dict_from_file(path: str) -> Dict[str, torch.Tensor]:
         raise ConfigError(f"quant.init_from: {path!r} holds no model state dict (expected a dict of tensors or a "
                           "checkpoint with key 'model')")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-
-
-def _is_plugin_key(key: str) -> bool:
-    return any(m in key for m in PLUGIN_KEY_MARKERS)
 
 
 class PluginState(nn.Module):
@@ -137,13 +131,8 @@ def make_quant_aware(orig: type) -> type:
         def _qgait_init_training(self, qcfg: QuantConfig) -> None:
             fp_sd = None
             if qcfg.init_from:
-                fp_sd = _state_dict_from_file(qcfg.init_from)
-                res = self.load_state_dict(fp_sd, strict=False)
-                missing = [k for k in res.missing_keys if not _is_plugin_key(k)]
-                if missing or res.unexpected_keys:
-                    raise ConfigError(f"quant.init_from: {qcfg.init_from!r} does not match model "
-                                      f"{self.cfgs['model_cfg']['model']}: missing {missing[:5]}, unexpected "
-                                      f"{res.unexpected_keys[:5]}; expected an FP checkpoint of the same model_cfg")
+                fp_sd = load_float_state_dict(self, _state_dict_from_file(qcfg.init_from),
+                                              source=f"quant.init_from: {qcfg.init_from!r}")
                 self.msg_mgr.log_info(f"qgait: loaded FP weights from {qcfg.init_from}")
             if qcfg.idd.enabled:
                 if fp_sd is None:
