@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..atomic import write_atomic
 from ..quant.convert import iter_quantizers
 from ..quant.layers import QuantLayerMixin
 from ..quant.quantizer import LSQQuantizer
@@ -122,8 +123,6 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: 
         raise RuntimeError("ONNX export needs the export extra: pip install -e '.[export]'") from e
     args = tuple(example_inputs)
     dyn = dynamic_axes or ({n: {0: "batch"} for n in list(input_names) + list(output_names)} if dynamic_batch else None)
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
     with export_mode(model), tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # dynamo=False is deliberate (the dynamo exporter fails on fake-quantize ops): no need to warn
@@ -134,14 +133,7 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: 
         m = onnx.load(raw)
     folded = _fold_weight_quantize(m)
     onnx.checker.check_model(m)
-    fd, tmp_path = tempfile.mkstemp(dir=out_dir, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(m, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    write_atomic(path, lambda tmp: onnx.save(m, tmp))
     ops: Dict[str, int] = {}
     for n in m.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1

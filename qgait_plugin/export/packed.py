@@ -8,13 +8,13 @@ integers, so the loaded model computes exactly what was saved.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import write_atomic
 from ..quant.layers import QuantLayerMixin
 
 FORMAT = "qgait-packed-v1"
@@ -50,16 +50,7 @@ def save_packed(model: nn.Module, path: str) -> int:
                         "data": torch.from_numpy(pack_bits(ints.cpu().numpy(), wq.bits))}
         skip.add(f"{name}.{m.qgait_param}" if name else m.qgait_param)
     rest = {k: v for k, v in model.state_dict().items() if k not in skip}
-    out_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"format": FORMAT, "layers": layers, "state": rest}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda tmp: torch.save({"format": FORMAT, "layers": layers, "state": rest}, tmp))
     return os.path.getsize(path)
 
 

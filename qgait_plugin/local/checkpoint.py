@@ -8,10 +8,11 @@ half-written checkpoint where a resume would find it.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, Mapping
 
 import torch
+
+from ..atomic import write_atomic
 
 
 def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
@@ -20,21 +21,7 @@ def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
 
 def save_atomic(obj: Any, path: str) -> None:
     """``torch.save`` to a temp file beside ``path``, then ``os.replace`` it into place."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
