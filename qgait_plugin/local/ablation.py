@@ -29,7 +29,8 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
                  quick: bool = False) -> Dict[str, Any]:
     """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes."""
     from .config import load_config
-    from .demo import QUICK_FP, _merge, demo_config_dir
+    from .config import merge_dicts
+    from .demo import QUICK_FP, demo_config_dir
     from .trainer import Trainer
 
     d = Path(demo_dir)
@@ -48,16 +49,16 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
         over: Dict[str, Any] = {
             "data_cfg": {"dataset_root": str(d / "data"), "dataset_partition": str(part)},
             "trainer_cfg": {"output_root": str(d / "ablation"), "save_name": f"w{bits}a{bits}_{name}"},
-            "quant": _merge({"init_from": str(fp_ckpts[-1]), "weight": {"bits": bits}, "act": {"bits": bits}},
+            "quant": merge_dicts({"init_from": str(fp_ckpts[-1]), "weight": {"bits": bits}, "act": {"bits": bits}},
                             spec["quant"]),
         }
         if quick:
-            over = _merge(over, {"trainer_cfg": {"sampler": QUICK_FP["trainer_cfg"]["sampler"]},
+            over = merge_dicts(over, {"trainer_cfg": {"sampler": QUICK_FP["trainer_cfg"]["sampler"]},
                                  "evaluator_cfg": QUICK_FP["evaluator_cfg"]})
         if iters:
             sched = {"ste_iters": iters} if spec["base"].endswith("lsq") else {"ste_iters": iters // 2,
                                                                              "soft_iters": iters - iters // 2}
-            over = _merge(over, {"trainer_cfg": {"total_iter": iters, "save_iter": iters}, "quant": {"schedule": sched}})
+            over = merge_dicts(over, {"trainer_cfg": {"total_iter": iters, "save_iter": iters}, "quant": {"schedule": sched}})
         cfg = load_config(str(demo_config_dir() / f"{spec['base']}.yaml"), overrides=over)
         tr = Trainer(cfg, progress=progress)
         out = tr.train()

@@ -94,12 +94,12 @@ SCHEDULERS = ("MultiStepLR",)
 MODELS = ("GaitBaseLite",)
 
 
-def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+def merge_dicts(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
     """Recursive dict merge; lists and scalars in ``over`` replace those in ``base``."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -195,7 +195,7 @@ def build_config(user: Optional[Mapping[str, Any]] = None, src: str = "<dict>") 
             raise ConfigError(f"{src}: {k}: unknown top-level section; allowed: {list(SECTIONS) + ['quant']}")
     for name in SECTIONS:
         _check_section(user, name, src)
-    cfg = _merge({k: v for k, v in DEFAULTS.items() if k != "loss_cfg"}, {k: v for k, v in user.items()
+    cfg = merge_dicts({k: v for k, v in DEFAULTS.items() if k != "loss_cfg"}, {k: v for k, v in user.items()
                                                                          if k not in ("loss_cfg", "quant")})
     loss = user.get("loss_cfg", DEFAULTS["loss_cfg"])
     cfg["loss_cfg"] = copy.deepcopy(loss if isinstance(loss, list) else [loss])
@@ -217,7 +217,7 @@ def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Dic
     if not isinstance(user, Mapping):
         raise ConfigError(f"{path}: expected a YAML mapping of config sections, got {type(user).__name__}")
     if overrides:
-        user = _merge(dict(user), overrides)
+        user = merge_dicts(dict(user), overrides)
     return build_config(user, src=path)
 
 

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from .config import merge_dicts
+
 METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w4a4_lsq", "w4a4_qgait")
 
 #: generator settings of the default demo set (CASIA-B structure, fewer views and frames for CPU time)
@@ -36,13 +38,6 @@ def demo_config_dir() -> Path:
         raise FileNotFoundError(f"demo configs not found at {d}; run from a checkout of qgait-plugin "
                                 "(or pass --configs DIR with fp.yaml, w8a8_lsq.yaml, ...)")
     return d
-
-
-def _merge(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
 
 
 def _step(name: str, timings: Dict[str, float]):
@@ -99,14 +94,14 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
     distances: Dict[str, np.ndarray] = {}
     fp_ckpt = None
     for name in METHODS:
-        over = _merge(paths, QUICK_FP) if quick else copy.deepcopy(paths)
+        over = merge_dicts(paths, QUICK_FP) if quick else copy.deepcopy(paths)
         if name != "fp":
-            over = _merge(over, {"quant": {"init_from": fp_ckpt}})
+            over = merge_dicts(over, {"quant": {"init_from": fp_ckpt}})
             if quick:
                 half = QUICK_QAT_ITERS // 2
                 sched = {"ste_iters": QUICK_QAT_ITERS, "soft_iters": 0} if name.endswith("lsq") else \
                     {"ste_iters": half, "soft_iters": QUICK_QAT_ITERS - half}
-                over = _merge(over, {"trainer_cfg": {"total_iter": QUICK_QAT_ITERS, "save_iter": QUICK_QAT_ITERS},
+                over = merge_dicts(over, {"trainer_cfg": {"total_iter": QUICK_QAT_ITERS, "save_iter": QUICK_QAT_ITERS},
                                      "quant": {"schedule": sched}})
         cfg = load_config(str(cfg_dir / f"{name}.yaml"), overrides=over)
         trainer = Trainer(cfg, progress=progress)
