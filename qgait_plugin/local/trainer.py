@@ -87,21 +87,19 @@ class Trainer:
             self.fp_state = load_fp_weights(self.model, self.quant.init_from)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.quant is not None:
-            from ..distill import idd_param_groups
+            from ..distill import IDDLoss, idd_param_groups, make_teacher
             from ..schedule import QGaitSchedule
 
             self.schedule = QGaitSchedule.from_config(self.quant)
-            # step sizes in their own group without weight decay, for LSQ and QGait alike
-            params = idd_param_groups(self.model, "all")
             if self.quant.idd.enabled:
-                from ..distill import IDDLoss, idd_param_groups, make_teacher
-
                 if self.fp_state is None:
                     self.fp_state = load_checkpoint(self.quant.init_from)["model"]
                 self.teacher = make_teacher(self.model, self.fp_state)
                 self.teacher.to(self.device)
                 self.idd = IDDLoss(weight=self.quant.idd.weight, criterion=self.quant.idd.criterion)
-                params = idd_param_groups(self.model, self.quant.idd.params)
+            # step sizes in their own group without weight decay, for LSQ and QGait alike; idd.params
+            # (all | quantizers) only applies when IDD is on
+            params = idd_param_groups(self.model, self.quant.idd.params if self.quant.idd.enabled else "all")
         o = dict(cfg["optimizer_cfg"])
         solver = o.pop("solver")
         kw = {"lr": o["lr"], "weight_decay": o.get("weight_decay", 0.0)}
