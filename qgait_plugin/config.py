@@ -12,6 +12,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from .errors import ConfigError
 from .quant.rounding import ROUNDING_MODES
 
 #: Bit widths a quantizer accepts; 32 means "leave this tensor in floating point".
@@ -22,8 +23,6 @@ IDD_PARAMS = ("all", "quantizers")
 LAST_LAYER_POLICIES = ("same", "8", "fp")
 
 
-class ConfigError(ValueError):
-    """A ``quant:`` section (or another config value) that cannot be used as written."""
 
 
 # --------------------------------------------------------------------------------------------
