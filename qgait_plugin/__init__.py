@@ -5,7 +5,9 @@ model conversion, the ``quant:`` config, IDD distillation and the two-phase sche
 drive it live in :mod:`qgait_plugin.opengait` (OpenGait) and :mod:`qgait_plugin.local` (the
 built-in trainer used by ``qgait demo``).
 """
-from .config import ConfigError, QuantConfig
+from .checkpoint import CheckpointError, load_float_state_dict, read_checkpoint
+from .config import QuantConfig
+from .errors import ConfigError, QGaitError
 from .quant.convert import (dequantize_model, iter_quantizers, quantize_model, quantizer_parameters, set_quant_enabled,
                             set_rounding)
 from .quant.coverage import CoverageReport, coverage_report
@@ -16,7 +18,7 @@ from .quant.size import model_size_bytes
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "QuantConfig", "quantize_model", "dequantize_model", "set_rounding", "set_quant_enabled",
+    "QGaitError", "ConfigError", "CheckpointError", "read_checkpoint", "load_float_state_dict", "QuantConfig", "quantize_model", "dequantize_model", "set_rounding", "set_quant_enabled",
     "iter_quantizers", "quantizer_parameters", "coverage_report", "CoverageReport", "register_handler",
     "LayerHandler", "ParamMatmulHandler", "LSQQuantizer", "fake_quantize", "set_init_reducer", "model_size_bytes",
 ]

@@ -30,7 +30,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import IDD_CRITERIA, IDD_PARAMS
-from .quant.convert import dequantize_model, iter_quantizers, unwrap_state_dict
+from .checkpoint import unwrap_state_dict
+from .quant.convert import dequantize_model, iter_quantizers
 
 #: Smallest normaliser (mean inter-class distance) divided by; keeps a collapsed batch finite.
 _NORM_EPS = 1e-8

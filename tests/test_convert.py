@@ -236,20 +236,3 @@ def test_unused_parameter_free_for_ddp():
     missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
     warnings.simplefilter("default")
-
-
-def test_load_float_state_dict_accepts_checkpoints_and_names_bad_keys():
-    from qgait_plugin.quant.convert import load_float_state_dict
-
-    fp = net2d()
-    q = quantize_model(net2d(), {"weight": {"bits": 4}})
-    wrapped = {"model": {f"module.{k}": v for k, v in fp.state_dict().items()}, "optimizer": {}}
-    sd = load_float_state_dict(q, wrapped, source="quant.init_from: fp.pt")  # OpenGait + DDP layout
-    assert torch.equal(q[0].weight, fp[0].weight) and "0.weight" in sd
-    partial = {k: v for k, v in fp.state_dict().items() if not k.startswith("3.")}
-    with pytest.raises(ConfigError, match=r"quant.init_from: fp.pt does not match Sequential: missing \['3.weight'"):
-        load_float_state_dict(q, partial, source="quant.init_from: fp.pt")
-    with pytest.raises(ConfigError, match="unexpected \\['extra'\\]"):
-        load_float_state_dict(q, {**fp.state_dict(), "extra": torch.zeros(1)}, source="x")
-    with pytest.raises(ConfigError, match="does not fit Sequential"):
-        load_float_state_dict(q, {**fp.state_dict(), "0.weight": torch.zeros(3)}, source="x")

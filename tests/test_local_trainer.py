@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qgait_plugin.config import ConfigError
-from qgait_plugin.local.checkpoint import load_checkpoint
+from qgait_plugin.checkpoint import read_checkpoint
 from qgait_plugin.local.config import build_config
 from qgait_plugin.local.fixtures import write_random_dataset
 from qgait_plugin.local.trainer import Trainer
@@ -38,7 +38,7 @@ def test_checkpoints_and_resume_match_uninterrupted_run(data, tmp_path):
     res = full.train()
     ck_dir = tmp_path / "a" / "SynthGait" / "GaitBaseLite" / "run" / "checkpoints"
     assert sorted(os.listdir(ck_dir)) == ["run-00002.pt", "run-00004.pt"]   # no temp files left behind
-    ck = load_checkpoint(str(ck_dir / "run-00004.pt"))
+    ck = read_checkpoint(ck_dir / "run-00004.pt")  # weights_only: the trainer saves plain data
     assert {"model", "optimizer", "scheduler", "iteration"} <= set(ck) and ck["iteration"] == 4
     assert res["checkpoint"].endswith("run-00004.pt")
 
@@ -62,7 +62,7 @@ def test_qat_from_fp_checkpoint_with_idd(data, tmp_path):
     out = tr.train()
     assert all("idd" in h for h in out["history"])
     assert out["history"][-1]["lr"] == pytest.approx(lr0 * 0.1)      # lr scaled once at the switch
-    ck = load_checkpoint(out["checkpoint"])
+    ck = read_checkpoint(out["checkpoint"])
     assert "schedule" in ck
     assert not any("teacher" in k for k in ck["model"])               # the teacher is not saved
     res = tr.evaluate()

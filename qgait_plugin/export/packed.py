@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
+from ..checkpoint import read_checkpoint, write_checkpoint
 from ..quant.layers import QuantLayerMixin
 
 FORMAT = "qgait-packed-v1"
@@ -50,16 +50,16 @@ def save_packed(model: nn.Module, path: str) -> int:
                         "data": torch.from_numpy(pack_bits(ints.cpu().numpy(), wq.bits))}
         skip.add(f"{name}.{m.qgait_param}" if name else m.qgait_param)
     rest = {k: v for k, v in model.state_dict().items() if k not in skip}
-    write_atomic(path, lambda tmp: torch.save({"format": FORMAT, "layers": layers, "state": rest}, tmp))
+    write_checkpoint({"format": FORMAT, "layers": layers, "state": rest}, path)
     return os.path.getsize(path)
 
 
 @torch.no_grad()
 def load_packed(model: nn.Module, path: str) -> nn.Module:
     """Load a packed checkpoint into ``model``, converted with the same ``quant:`` section."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format {blob.get('format') if isinstance(blob, dict) else type(blob)!r})")
+    blob = read_checkpoint(path)
+    if blob.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} file (format {blob.get('format')!r})")
     model.load_state_dict(blob["state"], strict=False)
     layers = _quantized_layers(model)
     missing = sorted(set(layers) - set(blob["layers"]))

@@ -18,9 +18,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_dict, write_checkpoint
 from ..config import ConfigError
-from ..quant.convert import load_float_state_dict
-from .checkpoint import checkpoint_path, load_checkpoint, save_atomic
 from .config import loss_terms, output_dir
 from .data import TripletSampler, collate_fixed, load_split
 from .evaluate import casia_b_protocol, extract_embeddings
@@ -34,12 +33,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
+    """OpenGait's layout: ``<output>/checkpoints/<save_name>-<iter:05d>.pt``."""
+    return os.path.join(out_dir, "checkpoints", f"{save_name}-{iteration:05d}.pt")
+
+
 def load_fp_weights(model: torch.nn.Module, path: str) -> Dict[str, torch.Tensor]:
     """Load an FP checkpoint into a (quantized) model; only quantizer keys may be missing.
 
     Returns the FP state dict (the teacher is built from it).
     """
-    return load_float_state_dict(model, load_checkpoint(path)["model"], source=f"quant.init_from: {path}")
+    return load_float_state_dict(model, read_checkpoint(path, "quant.init_from"), source=f"quant.init_from: {path}")
 
 
 class Trainer:
@@ -93,7 +97,8 @@ class Trainer:
             self.schedule = QGaitSchedule.from_config(self.quant)
             if self.quant.idd.enabled:
                 if self.fp_state is None:
-                    self.fp_state = load_checkpoint(self.quant.init_from)["model"]
+                    self.fp_state = unwrap_state_dict(read_checkpoint(self.quant.init_from, "quant.init_from"),
+                                                      set(self.model.state_dict()))
                 self.teacher = make_teacher(self.model, self.fp_state)
                 self.teacher.to(self.device)
                 self.idd = IDDLoss(weight=self.quant.idd.weight, criterion=self.quant.idd.criterion)
@@ -130,6 +135,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """The checkpoint: tensors and plain data only (read back with ``weights_only=True``)."""
         st = {"model": self.model.state_dict(), "iteration": self.iteration, "history": self.history,
               "train_seconds": self.train_seconds, "rng": self.rng.getstate()}
         if self.optimizer is not None:
@@ -141,7 +147,7 @@ class Trainer:
 
     def save(self) -> str:
         path = checkpoint_path(self.out_dir, self.save_name, self.iteration)
-        save_atomic(self.state_dict(), path)
+        write_checkpoint(self.state_dict(), path)
         return path
 
     def resolve(self, hint: Any, save_name: Optional[str] = None) -> str:
@@ -160,8 +166,8 @@ class Trainer:
     def restore(self, hint: Any, strict: bool = True, save_name: Optional[str] = None) -> None:
         """Load model (+ optimizer, scheduler, iteration, schedule, RNGs when present and training)."""
         path = self.resolve(hint, save_name)
-        ck = load_checkpoint(path)
-        self.model.load_state_dict(ck["model"], strict=strict)
+        ck = read_checkpoint(path)
+        self.model.load_state_dict(unwrap_state_dict(ck, set(self.model.state_dict())), strict=strict)
         if isinstance(hint, str) and "iteration" not in ck:
             return
         if self.optimizer is not None and isinstance(hint, int):

@@ -33,9 +33,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..config import ConfigError, QuantConfig
+from ..checkpoint import load_float_state_dict, read_checkpoint
+from ..config import QuantConfig
 from ..distill import attach_teacher, get_teacher, idd_param_groups, make_teacher
-from ..quant.convert import iter_quantizers, load_float_state_dict, quantize_model
+from ..quant.convert import iter_quantizers, quantize_model
 
 #: OpenGait loss ``type`` of the IDD loss, and the ``log_prefix`` used when the plugin adds it.
 IDD_LOSS_TYPE = "QGaitIDDLoss"
@@ -44,20 +45,6 @@ IDD_LOG_PREFIX = "idd"
 RESULT_HOOKS: List[Callable[[nn.Module, Any], None]] = []
 #: The most recently constructed registered model (the launcher reads it after OpenGait's run).
 LAST_MODEL: List[nn.Module] = []
-
-
-def _state_dict_from_file(path: str) -> Dict[str, torch.Tensor]:
-    """A model state dict from an OpenGait checkpoint (``{'model': ...}``) or a bare state dict."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise ConfigError(f"quant.init_from: {path!r} does not exist; expected an FP checkpoint "
-                          "(OpenGait's output/<dataset>/<model>/<save_name>/checkpoints/*.pt)") from None
-    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConfigError(f"quant.init_from: {path!r} holds no model state dict (expected a dict of tensors or a "
-                          "checkpoint with key 'model')")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 class PluginState(nn.Module):
@@ -131,7 +118,7 @@ def make_quant_aware(orig: type) -> type:
         def _qgait_init_training(self, qcfg: QuantConfig) -> None:
             fp_sd = None
             if qcfg.init_from:
-                fp_sd = load_float_state_dict(self, _state_dict_from_file(qcfg.init_from),
+                fp_sd = load_float_state_dict(self, read_checkpoint(qcfg.init_from, "quant.init_from"),
                                               source=f"quant.init_from: {qcfg.init_from!r}")
                 self.msg_mgr.log_info(f"qgait: loaded FP weights from {qcfg.init_from}")
             if qcfg.idd.enabled:

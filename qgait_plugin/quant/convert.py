@@ -5,9 +5,8 @@ quantization off (the teacher), list quantizers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from ..config import FP_BITS, ConfigError, QuantConfig
@@ -115,36 +114,3 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> nn.Module:
     for _, q in iter_quantizers(model):
         q.enabled = bool(enabled) and q.bits < FP_BITS
     return model
-
-
-def unwrap_state_dict(obj: Mapping[str, Any], model_keys: "set[str]") -> Dict[str, Any]:
-    """The model's state dict out of an OpenGait-style checkpoint (``{'model': ..., 'optimizer': ...}``)
-    or a DDP-saved one (``module.`` prefixes); a plain state dict comes back as it is."""
-    sd = obj
-    if "model" in sd and isinstance(sd["model"], Mapping) and "model" not in model_keys:
-        sd = sd["model"]
-    sd = dict(sd)
-    if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in model_keys):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def load_float_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
-                          source: str = "the state dict") -> Dict[str, torch.Tensor]:
-    """Load full-precision weights into a converted model; returns the state dict it loaded.
-
-    Only the quantizers' own keys may be missing (their steps initialise from data); any other
-    missing key, an unexpected key or a shape mismatch is a :class:`ConfigError` that starts with
-    ``source`` (e.g. ``"quant.init_from: fp.pt"``), since QAT from half-loaded weights trains noise.
-    """
-    sd = unwrap_state_dict(state_dict, set(model.state_dict()))
-    try:
-        res = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ConfigError(f"{source} does not fit {type(model).__name__}: {e}") from None
-    quant_prefixes = tuple(f"{name}." for name, _ in iter_quantizers(model))
-    missing = [k for k in res.missing_keys if not k.startswith(quant_prefixes)]
-    if missing or res.unexpected_keys:
-        raise ConfigError(f"{source} does not match {type(model).__name__}: missing {missing[:5]}, unexpected "
-                          f"{list(res.unexpected_keys)[:5]}; expected a full-precision checkpoint of the same model")
-    return sd

@@ -1,0 +1,110 @@
+"""Checkpoint files: the one reader, the one writer, and loading FP weights into a quantized model.
+
+Every checkpoint the package reads goes through :func:`read_checkpoint`: an FP checkpoint for
+``quant.init_from`` (built-in trainer, OpenGait model, teacher), the built-in trainer's resume
+files and packed models. It unpickles with ``weights_only=True``, so a file can hold tensors and
+plain containers (dicts, lists, tuples, numbers, strings) but nothing whose unpickling would run
+code; anything else is a :class:`CheckpointError` naming the file and why.
+
+A checkpoint may be a bare state dict, OpenGait's ``{'model': ..., 'optimizer': ..., ...}`` or a
+DDP-saved state dict (``module.`` prefixes); :func:`unwrap_state_dict` finds the model's state
+dict in any of them.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .atomic import write_atomic
+from .errors import ConfigError, QGaitError
+from .quant.convert import iter_quantizers
+
+
+class CheckpointError(QGaitError):
+    """A file that cannot be read as a checkpoint: missing, not a checkpoint, or holding objects that are not plain data."""
+
+
+def _first_line_with(text: str, marker: str) -> Optional[str]:
+    for line in text.splitlines():
+        if marker in line:
+            return line.strip()
+    return None
+
+
+def read_checkpoint(path: "str | os.PathLike[str]", source: Optional[str] = None) -> Dict[str, Any]:
+    """The dict stored in the checkpoint at ``path``, loaded onto the CPU.
+
+    ``source`` (e.g. ``"quant.init_from"``) starts the error message, so the user learns which
+    setting named the file. Raises :class:`CheckpointError` for a missing file, a file that is
+    not a PyTorch checkpoint, one that holds something other than a dict, and one whose pickle
+    names a class or function outside torch's allowlist (loading it could run that code; it is
+    refused, never executed).
+    """
+    p = os.fspath(path)
+    where = f"{source}: {p!r}" if source else repr(p)
+    if not os.path.exists(p):
+        raise CheckpointError(f"{where} does not exist")
+    if os.path.isdir(p):
+        raise CheckpointError(f"{where} is a folder; expected a checkpoint file (.pt)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _first_line_with(str(e), "Unsupported global")
+        if unsafe is not None:
+            raise CheckpointError(f"{where} holds objects that are not tensors or plain data ({unsafe}); refused, since "
+                                  "loading them could run code. Re-save the checkpoint with state dicts only") from None
+        raise CheckpointError(f"{where} is not a PyTorch checkpoint (unpickling failed)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise CheckpointError(f"{where} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}; expected a state dict or a checkpoint dict")
+    return dict(obj)
+
+
+def write_checkpoint(obj: Mapping[str, Any], path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (a reader sees the old file or the whole new one).
+
+    ``obj`` should hold only what :func:`read_checkpoint` reads back: tensors and plain data.
+    """
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def unwrap_state_dict(obj: Mapping[str, Any], model_keys: "set[str]") -> Dict[str, Any]:
+    """The model's state dict out of an OpenGait-style checkpoint (``{'model': ..., 'optimizer': ...}``)
+    or a DDP-saved one (``module.`` prefixes); a plain state dict comes back as it is.
+
+    ``model_keys`` are the keys of the model it is meant for (a model with a parameter called
+    ``model`` or ``module.*`` keeps them)."""
+    sd = obj
+    if "model" in sd and isinstance(sd["model"], Mapping) and "model" not in model_keys:
+        sd = sd["model"]
+    sd = dict(sd)
+    if sd and all(k.startswith("module.") for k in sd) and not any(k.startswith("module.") for k in model_keys):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_float_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
+                          source: str = "the state dict") -> Dict[str, torch.Tensor]:
+    """Load full-precision weights into a (converted) model; returns the state dict it loaded.
+
+    ``state_dict`` may be any form :func:`unwrap_state_dict` reads. Only the quantizers' own keys
+    may be missing (their steps initialise from data); any other missing key, an unexpected key
+    or a shape mismatch is a :class:`ConfigError` that starts with ``source`` (e.g.
+    ``"quant.init_from: fp.pt"``), since QAT from half-loaded weights trains noise.
+    """
+    sd = unwrap_state_dict(state_dict, set(model.state_dict()))
+    try:
+        res = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ConfigError(f"{source} does not fit {type(model).__name__}: {e}") from None
+    quant_prefixes = tuple(f"{name}." for name, _ in iter_quantizers(model))
+    missing = [k for k in res.missing_keys if not k.startswith(quant_prefixes)]
+    if missing or res.unexpected_keys:
+        raise ConfigError(f"{source} does not match {type(model).__name__}: missing {missing[:5]}, unexpected "
+                          f"{list(res.unexpected_keys)[:5]}; expected a full-precision checkpoint of the same model")
+    return sd
