@@ -14,11 +14,12 @@ from .quant.coverage import CoverageReport, coverage_report
 from .quant.handlers import LayerHandler, ParamMatmulHandler, register_handler
 from .quant.quantizer import LSQQuantizer, fake_quantize, set_init_reducer
 from .quant.size import model_size_bytes
+from .spec import QuantizerSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QGaitError", "ConfigError", "CheckpointError", "read_checkpoint", "load_float_state_dict", "QuantConfig", "quantize_model", "dequantize_model", "set_rounding", "set_quant_enabled",
+    "QGaitError", "ConfigError", "CheckpointError", "read_checkpoint", "load_float_state_dict", "QuantConfig", "QuantizerSpec", "quantize_model", "dequantize_model", "set_rounding", "set_quant_enabled",
     "iter_quantizers", "quantizer_parameters", "coverage_report", "CoverageReport", "register_handler",
     "LayerHandler", "ParamMatmulHandler", "LSQQuantizer", "fake_quantize", "set_init_reducer", "model_size_bytes",
 ]

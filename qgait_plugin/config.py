@@ -4,6 +4,10 @@ Every key of the section is checked here, once: unknown keys, wrong types and ou
 raise :class:`ConfigError` naming the key path (``quant.schedule.lr_scale``), the value and what is
 allowed. Nothing is silently defaulted for a typo. The objects are frozen dataclasses, so a host
 can pass them around without anyone mutating the experiment's settings behind its back.
+
+The bit widths, rounding names and ``alpha`` range come from :mod:`qgait_plugin.spec`, whose
+checks are used here; :meth:`QuantConfig.layer_specs` turns the section into one
+:class:`~qgait_plugin.spec.QuantizerSpec` per quantizer.
 """
 from __future__ import annotations
 
@@ -13,16 +17,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .errors import ConfigError
-from .quant.rounding import ROUNDING_MODES
+from .spec import FP_BITS, QuantizerSpec, check_alpha, check_bits, check_rounding
 
-#: Bit widths a quantizer accepts; 32 means "leave this tensor in floating point".
-ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
-FP_BITS = 32
 IDD_CRITERIA = ("smooth_l1", "l1", "l2")
+#: What trains in QAT: every parameter, or only quantizer steps and BatchNorm (``quant.idd.params``).
 IDD_PARAMS = ("all", "quantizers")
 LAST_LAYER_POLICIES = ("same", "8", "fp")
-
-
+#: ``quant.act.signed`` as written -> the quantizer's ``signed`` (``None``: decide on the first batch).
+_SIGNED = {"auto": None, None: None, "true": True, True: True, "false": False, False: False}
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,9 +64,7 @@ def _get(d: Mapping[str, Any], key: str, path: str, types: Tuple[type, ...], def
 
 def _bits(d: Mapping[str, Any], key: str, path: str, default: Optional[int]) -> Optional[int]:
     v = _get(d, key, path, (int,), default)
-    if v is not None and v not in ALLOWED_BITS:
-        raise ConfigError(f"{path}.{key}: {v!r} is not a supported bit width; allowed: 2..8, or 32 for full precision")
-    return v
+    return v if v is None else check_bits(v, f"{path}.{key}")
 
 
 def _choice(d: Mapping[str, Any], key: str, path: str, choices: Tuple[str, ...], default: str) -> str:
@@ -102,20 +102,18 @@ class WeightQuantConfig:
 
 @dataclass(frozen=True)
 class ActQuantConfig:
-    """How layer inputs are quantized. ``signed: auto`` picks unsigned for non-negative inputs."""
+    """How layer inputs are quantized. ``signed: auto`` (``None`` here) picks unsigned for non-negative inputs."""
 
     bits: int = 8
-    signed: str = "auto"
+    signed: Optional[bool] = None
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant.act") -> "ActQuantConfig":
         d = _check_keys(d, path, ("bits", "signed"))
         signed = d.get("signed", "auto")
-        if isinstance(signed, bool):
-            signed = "true" if signed else "false"
-        if signed not in ("auto", "true", "false"):
-            raise ConfigError(f"quant.act.signed: {d.get('signed')!r} is not allowed; choose auto, true or false")
-        return cls(bits=_bits(d, "bits", path, cls.bits), signed=signed)
+        if not isinstance(signed, (str, bool, type(None))) or signed not in _SIGNED:
+            raise ConfigError(f"{path}.signed: {signed!r} is not allowed; choose auto, true or false")
+        return cls(bits=_bits(d, "bits", path, cls.bits), signed=_SIGNED[signed])
 
 
 @dataclass(frozen=True)
@@ -156,13 +154,10 @@ class SoftConfig:
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant.schedule.soft") -> "SoftConfig":
         d = _check_keys(d, path, ("alpha", "alpha_end", "soft_forward"))
-        alpha = _get(d, "alpha", path, (float, int), cls.alpha)
+        alpha = check_alpha(_get(d, "alpha", path, (float, int), cls.alpha), f"{path}.alpha")
         alpha_end = _get(d, "alpha_end", path, (float, int), None)
-        _positive(alpha, f"{path}.alpha")
-        _positive(alpha_end, f"{path}.alpha_end")
-        if alpha > 100 or (alpha_end is not None and alpha_end > 100):
-            raise ConfigError(f"{path}.alpha: {max(alpha, alpha_end or 0)!r} is too large (allowed (0, 100]); "
-                              "the surrogate's gradient becomes spikes")
+        if alpha_end is not None:
+            alpha_end = check_alpha(alpha_end, f"{path}.alpha_end")
         return cls(alpha=alpha, alpha_end=alpha_end, soft_forward=_get(d, "soft_forward", path, (bool,), False))
 
 
@@ -257,7 +252,7 @@ class QuantConfig:
             init_from=_get(d, "init_from", path, (str,), None),
             first_layer_act=_get(d, "first_layer_act", path, (bool,), False),
             last_layer=_choice(d, "last_layer", path, LAST_LAYER_POLICIES, "same"),
-            rounding=_choice(d, "rounding", path, tuple(ROUNDING_MODES), "ste"),
+            rounding=check_rounding(d.get("rounding", "ste"), f"{path}.rounding"),
             schedule=ScheduleConfig.from_dict(d.get("schedule"), f"{path}.schedule"),
             idd=IDDConfig.from_dict(d.get("idd"), f"{path}.idd"),
         )
@@ -268,8 +263,22 @@ class QuantConfig:
         out["overrides"] = [{k: v for k, v in o.items() if v is not None} for o in out["overrides"]]
         return out
 
+    def layer_specs(self, name: str, is_first: bool, is_last: bool) -> Tuple[QuantizerSpec, QuantizerSpec]:
+        """``(weight_spec, act_spec)`` for the module called ``name``, the first/last quantizable layer or not.
+
+        Bits: see :meth:`layer_bits`. Weights are signed and per channel unless
+        ``weight.per_channel`` is off; inputs are per tensor with ``act.signed``. Both start in
+        ``rounding`` with the soft quantizer's ``alpha`` and ``soft_forward`` (the schedule
+        switches the mode and ``alpha`` at run time).
+        """
+        w_bits, a_bits = self.layer_bits(name, is_first, is_last)
+        soft = self.schedule.soft
+        common = dict(rounding=self.rounding, alpha=soft.alpha, soft_forward=soft.soft_forward)
+        return (QuantizerSpec("weight", w_bits, signed=True, per_channel=self.weight.per_channel, **common),
+                QuantizerSpec("act", a_bits, signed=self.act.signed, **common))
+
     def layer_bits(self, name: str, is_first: bool, is_last: bool) -> Tuple[int, int]:
-        """(weight_bits, act_bits) for the module called ``name``; 32 means full precision.
+        """(weight_bits, act_bits) for the module called ``name``; ``FP_BITS`` means full precision.
 
         Order of precedence: the first matching override, then the first/last-layer policy, then
         the section's defaults.

@@ -30,8 +30,8 @@ from torch.optim import Optimizer
 
 from .config import QuantConfig, ScheduleConfig
 from .quant.convert import set_rounding
+from .spec import check_alpha, check_rounding
 
-PHASES = ("ste", "soft")
 #: param-group key marking a group whose learning rate has been multiplied by ``lr_scale``
 LR_SCALED_KEY = "qgait_lr_scaled"
 
@@ -59,17 +59,13 @@ class QGaitSchedule:
             raise ValueError(f"QGaitSchedule: ste_iters and soft_iters must be >= 0, got {ste_iters}, {soft_iters}")
         if not lr_scale > 0:
             raise ValueError(f"QGaitSchedule: lr_scale must be > 0, got {lr_scale!r}")
-        if not alpha > 0 or (alpha_end is not None and not alpha_end > 0):
-            raise ValueError(f"QGaitSchedule: alpha and alpha_end must be > 0, got {alpha!r}, {alpha_end!r}")
-        if rounding not in PHASES:
-            raise ValueError(f"QGaitSchedule: rounding {rounding!r} is not one of {list(PHASES)}")
         self.ste_iters = int(ste_iters)
         self.soft_iters = int(soft_iters)
         self.lr_scale = float(lr_scale)
-        self.alpha_start = float(alpha)
-        self.alpha_end = None if alpha_end is None else float(alpha_end)
+        self.alpha_start = check_alpha(alpha, "QGaitSchedule alpha")
+        self.alpha_end = None if alpha_end is None else check_alpha(alpha_end, "QGaitSchedule alpha_end")
         #: the mode for a run without a schedule (``ste_iters == soft_iters == 0``)
-        self.rounding = rounding
+        self.rounding = check_rounding(rounding, "QGaitSchedule rounding")
         self._state: Dict[str, Any] = {"iteration": None, "phase": None, "alpha": None, "lr_scaled": False}
 
     @classmethod
@@ -182,8 +178,8 @@ class QGaitSchedule:
         missing = [k for k in ("iteration", "phase", "alpha", "lr_scaled") if k not in state]
         if missing:
             raise KeyError(f"QGaitSchedule.load_state_dict: missing keys {missing}; got {sorted(state)}")
-        if state["phase"] is not None and state["phase"] not in PHASES:
-            raise ValueError(f"QGaitSchedule.load_state_dict: phase {state['phase']!r} is not one of {list(PHASES)}")
+        if state["phase"] is not None:
+            check_rounding(state["phase"], "QGaitSchedule.load_state_dict: phase")
         plan = {"ste_iters": self.ste_iters, "soft_iters": self.soft_iters, "lr_scale": self.lr_scale,
                 "alpha_start": self.alpha_start, "alpha_end": self.alpha_end}
         changed = {k: (state[k], v) for k, v in plan.items() if k in state and state[k] != v}

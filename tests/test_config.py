@@ -27,6 +27,18 @@ def test_defaults():
     assert QuantConfig.from_dict({"idd": {}}).idd.enabled  # an idd section switches it on
 
 
+def test_layer_specs_carry_the_whole_section():
+    cfg = QuantConfig.from_dict({**GOOD, "act": {"bits": 4, "signed": False}, "rounding": "soft",
+                                 "schedule": {"soft": {"alpha": 4.5, "soft_forward": True}}})
+    w, a = cfg.layer_specs("Backbone.layer3.conv2", False, False)
+    assert (w.kind, w.bits, w.signed, w.per_channel, w.rounding, w.alpha, w.soft_forward) == \
+        ("weight", 4, True, True, "soft", 4.5, True)
+    assert (a.kind, a.bits, a.signed, a.per_channel, a.rounding) == ("act", 4, False, False, "soft")
+    w, a = cfg.layer_specs("BNNecks", False, True)
+    assert not w.enabled and not a.enabled
+    assert QuantConfig.from_dict({"act": {"signed": "auto"}}).layer_specs("x", False, False)[1].signed is None
+
+
 def test_layer_bits_precedence():
     cfg = QuantConfig.from_dict({**GOOD, "last_layer": "8"})
     assert cfg.layer_bits("Backbone.layer0.conv1", True, False) == (8, 8)   # override beats first-layer policy

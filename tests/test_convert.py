@@ -83,7 +83,7 @@ def test_set_rounding_changes_gradients_not_outputs():
     assert torch.equal(outs["ste"], outs["soft"])
     assert any(not torch.allclose(a, b) for a, b in zip(grads["ste"], grads["soft"]))
     assert all(q.rounding == "ste" and q.alpha == 4.0 for _, q in iter_quantizers(model))
-    with pytest.raises(ValueError, match="rounding mode 'hard'"):
+    with pytest.raises(ValueError, match="set_rounding mode: 'hard' is not allowed"):
         set_rounding(model, "hard")
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from qgait_plugin import LSQQuantizer, fake_quantize
+from qgait_plugin import ConfigError, LSQQuantizer, QuantizerSpec, fake_quantize
 from qgait_plugin.quant.quantizer import qrange
 
 
@@ -106,5 +106,48 @@ def test_extra_state_round_trip_and_mismatch_error():
 
 def test_invalid_bits_rejected():
     for bits in (1, 9, 16):
-        with pytest.raises(ValueError, match="bits must be 2..8 or 32"):
+        with pytest.raises(ConfigError, match=rf"bits: {bits} is not a supported bit width; allowed: 2\.\.8, or 32"):
             LSQQuantizer(bits, "weight")
+
+
+@pytest.mark.parametrize("spec", [
+    QuantizerSpec("weight", 4, per_channel=True, rounding="soft", alpha=5.0),
+    QuantizerSpec("weight", 8),
+    QuantizerSpec("act", 3, signed=False, rounding="soft", soft_forward=True),
+    QuantizerSpec("act", 32),
+])
+def test_from_spec_round_trip(spec):
+    q = LSQQuantizer.from_spec(spec, channel_shape=(6, 1, 1, 1))
+    assert q.spec == spec
+    assert q.per_channel == spec.per_channel and q.enabled == spec.enabled and q.signed == (spec.signed if spec.kind == "act" else True)
+    assert tuple(q.step.shape) == ((6, 1, 1, 1) if spec.per_channel else ())
+    # the state dict restores the same spec into a quantizer built from it
+    r = LSQQuantizer.from_spec(spec, channel_shape=(6, 1, 1, 1))
+    r.load_state_dict(q.state_dict())
+    assert r.spec == spec
+
+
+def test_from_spec_needs_the_channel_shape_of_a_per_channel_spec():
+    with pytest.raises(ValueError, match="channel_shape"):
+        LSQQuantizer.from_spec(QuantizerSpec("weight", 4, per_channel=True))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind="bias", bits=8), r"QuantizerSpec\.kind: 'bias' is not allowed; choose one of \['weight', 'act'\]"),
+    (dict(kind="act", bits=12), r"QuantizerSpec\.bits: 12 is not a supported bit width"),
+    (dict(kind="act", bits=True), r"QuantizerSpec\.bits: True is not a supported bit width"),
+    (dict(kind="act", bits=4, rounding="hard"), r"QuantizerSpec\.rounding: 'hard' is not allowed; choose one of \['ste', 'soft'\]"),
+    (dict(kind="act", bits=4, alpha=0), r"QuantizerSpec\.alpha: 0\.0 must be > 0"),
+    (dict(kind="act", bits=4, alpha=250.0), r"QuantizerSpec\.alpha: 250\.0 is too large"),
+    (dict(kind="act", bits=4, signed="yes"), r"QuantizerSpec\.signed: 'yes' is not allowed"),
+    (dict(kind="weight", bits=4, signed=False), r"QuantizerSpec\.signed: False is not allowed for a weight"),
+    (dict(kind="act", bits=4, per_channel=True), r"QuantizerSpec\.per_channel: True is not allowed for an activation"),
+])
+def test_spec_validation_names_the_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantizerSpec(**kwargs)
+
+
+def test_fake_quantize_names_an_unknown_rounding_mode():
+    with pytest.raises(ConfigError, match=r"fake_quantize rounding: 'nearest' is not allowed"):
+        fake_quantize(torch.randn(3), torch.tensor(0.1), -7, 7, rounding="nearest")

@@ -1,6 +1,6 @@
 """Quantizers, rounding modes, quantized layers, conversion and the coverage report.
 
-Plain PyTorch: nothing here imports a host. Import the verbs from :mod:`qgait_plugin`; this
-package's ``__init__`` stays empty so :mod:`qgait_plugin.config` can import the rounding table
-without a cycle.
+Plain PyTorch: nothing here imports a host. Import the verbs from :mod:`qgait_plugin`. The
+settings of one quantizer are a :class:`qgait_plugin.spec.QuantizerSpec`, which lives outside
+this package so the config can check a ``quant:`` section without loading it.
 """

@@ -9,11 +9,12 @@ from typing import Iterator, List, Optional, Tuple
 
 from torch import nn
 
-from ..config import FP_BITS, ConfigError, QuantConfig
+from ..config import QuantConfig
+from ..errors import ConfigError
+from ..spec import FP_BITS, QuantizerSpec, check_alpha, check_rounding
 from .handlers import LayerHandler, find_handler
 from .layers import QuantLayerMixin
 from .quantizer import LSQQuantizer
-from .rounding import ROUNDING_MODES
 
 
 def quantizable_layers(model: nn.Module) -> List[Tuple[str, nn.Module, LayerHandler]]:
@@ -28,13 +29,10 @@ def quantizable_layers(model: nn.Module) -> List[Tuple[str, nn.Module, LayerHand
     return out
 
 
-def _convert_one(m: nn.Module, h: LayerHandler, w_bits: int, a_bits: int, cfg: QuantConfig, exact_input: bool) -> None:
+def _convert_one(m: nn.Module, h: LayerHandler, w_spec: QuantizerSpec, a_spec: QuantizerSpec, exact_input: bool) -> None:
     w = h.weight(m)
-    soft = cfg.schedule.soft
-    common = dict(rounding=cfg.rounding, alpha=soft.alpha, soft_forward=soft.soft_forward)
-    signed = {"auto": None, "true": True, "false": False}[cfg.act.signed]
-    wq = LSQQuantizer(w_bits, "weight", channel_shape=h.channel_shape(w) if cfg.weight.per_channel else None, **common)
-    aq = LSQQuantizer(a_bits, "act", signed=signed, **common)
+    wq = LSQQuantizer.from_spec(w_spec, channel_shape=h.channel_shape(w))
+    aq = LSQQuantizer.from_spec(a_spec)
     m.__class__ = h.quant_class(type(m))
     m.add_module("weight_quant", wq.to(w.device))
     m.add_module("act_quant", aq.to(w.device))
@@ -61,10 +59,10 @@ def quantize_model(model: nn.Module, config: "QuantConfig | dict | None") -> nn.
                           f"{type(model).__name__}; layer names look like {names[:4]}")
     for i, (name, m, h) in enumerate(layers):
         is_first, is_last = i == 0, i == len(layers) - 1
-        w_bits, a_bits = cfg.layer_bits(name, is_first, is_last)
-        if w_bits == FP_BITS and a_bits == FP_BITS:
+        w_spec, a_spec = cfg.layer_specs(name, is_first, is_last)
+        if not w_spec.enabled and not a_spec.enabled:
             continue
-        _convert_one(m, h, w_bits, a_bits, cfg, exact_input=is_first and a_bits == FP_BITS and not cfg.first_layer_act)
+        _convert_one(m, h, w_spec, a_spec, exact_input=is_first and not a_spec.enabled and not cfg.first_layer_act)
     return model
 
 
@@ -98,10 +96,9 @@ def set_rounding(model: nn.Module, mode: str, alpha: Optional[float] = None) -> 
 
     Only the backward pass changes: forward outputs are bit-identical across modes.
     """
-    if mode not in ROUNDING_MODES:
-        raise ValueError(f"rounding mode {mode!r} is not one of {sorted(ROUNDING_MODES)}")
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    check_rounding(mode, "set_rounding mode")
+    if alpha is not None:
+        alpha = check_alpha(alpha, "set_rounding alpha")
     for _, q in iter_quantizers(model):
         q.rounding = mode
         if alpha is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..config import FP_BITS
+from ..spec import FP_BITS
 from .layers import QuantLayerMixin
 
 

@@ -14,10 +14,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .rounding import ROUNDING_GRADS, get_rounding
+from ..spec import FP_BITS, QuantizerSpec, check_rounding
+from .rounding import ROUNDINGS, soft_round_value
 
-FP_BITS = 32
-_STEP_EPS = 1e-8
+#: Smallest step the quantizer divides by: an optimizer overshoot cannot flip the grid or divide by zero.
+STEP_EPS = 1e-8
 
 #: How a freshly initialised step is made equal on every rank; ``None`` means "average with
 #: ``all_reduce`` when torch.distributed is initialised". Hosts may replace it.
@@ -72,21 +73,21 @@ class _FusedFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, s, qmin, qmax, rounding, alpha, gscale):  # type: ignore[override]
+    def forward(ctx, x, s, qmin, qmax, grad_fn, alpha, gscale):  # type: ignore[override]
         sx = s.to(x.dtype)
         v = x / sx
         ctx.save_for_backward(v, s)
-        ctx.conf = (qmin, qmax, rounding, alpha, gscale)
+        ctx.conf = (qmin, qmax, grad_fn, alpha, gscale)
         return torch.round(v.clamp(qmin, qmax)) * sx
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         v, s = ctx.saved_tensors
-        qmin, qmax, rounding, alpha, gscale = ctx.conf
+        qmin, qmax, grad_fn, alpha, gscale = ctx.conf
         vc = v.clamp(qmin, qmax)
         inside = (v >= qmin) & (v <= qmax)
         calc = vc.float() if vc.dtype in (torch.float16, torch.bfloat16) else vc
-        d = ROUNDING_GRADS[rounding](calc, alpha).to(v.dtype) if rounding != "ste" else None
+        d = grad_fn(calc, alpha).to(v.dtype) if grad_fn is not _STE_GRAD else None
         gx = gs = None
         if ctx.needs_input_grad[0]:
             gx = torch.where(inside, grad if d is None else grad * d, torch.zeros((), dtype=grad.dtype))
@@ -103,6 +104,9 @@ class _FusedFakeQuant(torch.autograd.Function):
         return gx, gs, None, None, None, None, None
 
 
+_STE_GRAD = ROUNDINGS["ste"].grad  # R' = 1: the backward skips the multiplication
+
+
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, rounding: str = "ste",
                   alpha: float = 3.0, soft_forward: bool = False, grad_scale: float = 1.0) -> torch.Tensor:
     """``step * R(clamp(x / step, qmin, qmax))``, differentiable in ``x`` and ``step``.
@@ -111,14 +115,20 @@ def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, rou
     and is clamped to a tiny positive value, so an optimizer overshoot cannot flip the grid.
     ``grad_scale`` multiplies the step's gradient (LSQ's ``g``). With ``soft_forward`` and the
     ``soft`` mode the surrogate replaces ``round`` in the forward pass too (through autograd).
+    ``rounding`` is a name of :data:`~qgait_plugin.quant.rounding.ROUNDINGS` (checked only when
+    the lookup fails, so a training step pays nothing for it).
     """
-    s = step.clamp_min(_STEP_EPS)
+    try:
+        mode = ROUNDINGS[rounding]
+    except KeyError:
+        check_rounding(rounding, "fake_quantize rounding")
+        raise
+    s = step.clamp_min(STEP_EPS)
     if soft_forward and rounding == "soft":
         s = grad_scale_(s, grad_scale)
         v = torch.clamp(x / s.to(x.dtype), qmin, qmax)
-        return get_rounding(rounding, soft_forward)(v, alpha) * s.to(x.dtype)
-    get_rounding(rounding)  # validates the name
-    return _FusedFakeQuant.apply(x, s, qmin, qmax, rounding, float(alpha), float(grad_scale))
+        return soft_round_value(v, float(alpha)) * s.to(x.dtype)
+    return _FusedFakeQuant.apply(x, s, qmin, qmax, mode.grad, float(alpha), float(grad_scale))
 
 
 def _mse_best_scale(x: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int, dims: Sequence[int],
@@ -130,7 +140,7 @@ def _mse_best_scale(x: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int,
     """
     best_err, best = None, None
     for r in torch.linspace(1.0 / candidates, 1.0, candidates, device=x.device):
-        s = (absmax * r / qmax).clamp_min(_STEP_EPS)
+        s = (absmax * r / qmax).clamp_min(STEP_EPS)
         err = (torch.clamp(torch.round(x / s), qmin, qmax) * s - x).pow(2)
         err = err.mean(dim=tuple(dims), keepdim=True) if dims else err.mean()
         if best_err is None:
@@ -150,30 +160,46 @@ class LSQQuantizer(nn.Module):
     training batch; ``signed=None`` decides on that batch (unsigned when every value is
     non-negative, as after ReLU or for silhouettes), agreed across ranks.
 
-    Everything needed to reproduce it (bits, signedness, rounding mode, ``alpha``) is part of
-    its state dict, so a checkpoint restores the phase it was saved in.
+    Build it from a :class:`~qgait_plugin.spec.QuantizerSpec` with :meth:`from_spec`; the
+    arguments of the constructor are the spec's fields (checked by the spec) plus the step's
+    shape. Everything needed to reproduce it (bits, signedness, rounding mode, ``alpha``) is part
+    of its state dict, so a checkpoint restores the phase it was saved in.
     """
 
     def __init__(self, bits: int, kind: str, signed: Optional[bool] = None,
                  channel_shape: Optional[Sequence[int]] = None, rounding: str = "ste", alpha: float = 3.0,
                  soft_forward: bool = False) -> None:
         super().__init__()
-        if kind not in ("weight", "act"):
-            raise ValueError(f"LSQQuantizer kind must be 'weight' or 'act', got {kind!r}")
-        if not (2 <= bits <= 8 or bits == FP_BITS):
-            raise ValueError(f"LSQQuantizer bits must be 2..8 or 32 (off), got {bits!r}")
-        self.kind = kind
-        self.bits = int(bits)
-        self.signed = True if kind == "weight" else signed
-        self.rounding = rounding
-        self.alpha = float(alpha)
-        self.soft_forward = bool(soft_forward)
-        self.enabled = self.bits < FP_BITS
+        spec = QuantizerSpec(kind=kind, bits=bits, signed=signed, per_channel=channel_shape is not None,
+                             rounding=rounding, alpha=alpha, soft_forward=bool(soft_forward))
+        self.kind = spec.kind
+        self.bits = spec.bits
+        self.signed = spec.signed
+        self.rounding = spec.rounding
+        self.alpha = spec.alpha
+        self.soft_forward = spec.soft_forward
+        self.enabled = spec.enabled
         shape = tuple(channel_shape) if channel_shape is not None else ()
         # a switched-off quantizer's step takes no gradient: DDP with find_unused_parameters=False
         # fails on parameters that never receive one
         self.step = nn.Parameter(torch.ones(shape), requires_grad=self.enabled)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @classmethod
+    def from_spec(cls, spec: QuantizerSpec, channel_shape: Optional[Sequence[int]] = None) -> "LSQQuantizer":
+        """The quantizer ``spec`` describes. ``channel_shape`` is the step's shape for a per-channel
+        spec (one entry per output channel, 1 on the reduced dimensions; the layer's handler knows
+        it) and is ignored for a per-tensor one."""
+        if spec.per_channel and channel_shape is None:
+            raise ValueError("LSQQuantizer.from_spec: a per-channel spec needs the step's channel_shape")
+        return cls(spec.bits, spec.kind, signed=spec.signed, channel_shape=channel_shape if spec.per_channel else None,
+                   rounding=spec.rounding, alpha=spec.alpha, soft_forward=spec.soft_forward)
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        """The quantizer's current settings (rounding and ``alpha`` change with the schedule)."""
+        return QuantizerSpec(kind=self.kind, bits=self.bits, signed=self.signed, per_channel=self.per_channel,
+                             rounding=self.rounding, alpha=self.alpha, soft_forward=self.soft_forward)
 
     # -- range -------------------------------------------------------------------------------
     @property
@@ -208,13 +234,17 @@ class LSQQuantizer(nn.Module):
             step = _mse_best_scale(x, absmax, qmin, qmax, dims).reshape(self.step.shape)
         else:
             step = _mse_best_scale(x, x.abs().max(), qmin, qmax, [])
-        step = torch.where(step > _STEP_EPS, step, torch.full_like(step, 1.0 / qmax))
+        step = torch.where(step > STEP_EPS, step, torch.full_like(step, 1.0 / qmax))
         step = _reduce(step.to(self.step.device, self.step.dtype), "mean")
         self.step.data.copy_(step.reshape(self.step.shape))
         self.initialized.fill_(True)
 
     def qrange_now(self) -> Tuple[int, int]:
         return qrange(self.bits, bool(self.signed))
+
+    def effective_step(self) -> torch.Tensor:
+        """The step the forward pass divides by (kept positive), detached: what a deployed model stores."""
+        return self.step.detach().clamp_min(STEP_EPS)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +272,7 @@ class LSQQuantizer(nn.Module):
             raise ValueError(f"checkpoint holds a {state.get('bits')}-bit {state.get('kind')} quantizer where the model "
                              f"has a {self.bits}-bit {self.kind} one: the quant config differs from the one it was trained with")
         self.signed = state["signed"]
-        self.rounding = state["rounding"]
+        self.rounding = check_rounding(state["rounding"], "checkpoint: quantizer rounding")
         self.alpha = float(state["alpha"])
         self.soft_forward = bool(state["soft_forward"])
         self.enabled = bool(state["enabled"])
@@ -258,7 +288,7 @@ class LSQQuantizer(nn.Module):
         qmin, qmax = self.qrange_now()
         cmin, cmax = (-128, 127) if self.signed else (0, 255)
         # Python numbers and freshly made tensors become constants in the traced graph
-        steps = self.step.detach().clamp_min(_STEP_EPS).reshape(-1).tolist()
+        steps = self.step.detach().clamp_min(STEP_EPS).reshape(-1).tolist()
         axes = [i for i, n in enumerate(self.step.shape) if n > 1]
         if not axes:
             if (qmin, qmax) != (cmin, cmax):
@@ -276,6 +306,6 @@ class LSQQuantizer(nn.Module):
 
     def integer_values(self, x: torch.Tensor) -> torch.Tensor:
         """The integers ``round(clamp(x / s))`` the deployed model stores (for export and tests)."""
-        s = self.step.detach().clamp_min(_STEP_EPS)
+        s = self.step.detach().clamp_min(STEP_EPS)
         qmin, qmax = self.qrange_now()
         return torch.clamp(torch.round(x.detach() / s), qmin, qmax)

@@ -1,8 +1,10 @@
 """Rounding modes: what ``R(v)`` does forward and backward inside the quantizer.
 
 Every mode keeps ``round`` in the forward pass (so training sees exactly the deployed error) and
-differs in the gradient it passes back. A new mode is one function plus one line in
-:data:`ROUNDING_MODES`; the quantizer, the converter and the config validator read the table.
+differs in the gradient it passes back. :data:`ROUNDINGS` is the one table of modes: a name
+(from :data:`qgait_plugin.spec.ROUNDING_NAMES`, which the config validates against) maps to a
+:class:`Rounding` with the op and its derivative. A new mode is its functions, one entry here and
+its name in ``ROUNDING_NAMES``; the table is checked against that list on import.
 
 The clamp to ``[qmin, qmax]`` happens before ``R`` in the quantizer, so autograd's clamp already
 gives 0 outside the range; the functions here only shape the gradient inside it.
@@ -10,9 +12,11 @@ gives 0 outside the range; the functions here only shape the gradient inside it.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, NamedTuple
 
 import torch
+
+from ..spec import ROUNDING_NAMES
 
 RoundFn = Callable[[torch.Tensor, float], torch.Tensor]
 GradFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -83,29 +87,25 @@ def soft_round(v: torch.Tensor, alpha: float = 3.0) -> torch.Tensor:
     return _SoftRound.apply(v, float(alpha))
 
 
-def soft_forward_round(v: torch.Tensor, alpha: float = 3.0) -> torch.Tensor:
-    """Ablation: the surrogate ``phi`` in the forward pass too (values leave the integer grid)."""
-    return soft_round_value(v, float(alpha))
-
-
 def ste_round_grad(v: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
     """The STE's ``R'(v)``: 1 everywhere (the clamp supplies the 0 outside the range)."""
     return torch.ones_like(v)
 
 
-#: name -> rounding function ``(v, alpha) -> R(v)``. ``soft_forward`` is reached through the
-#: quantizer's ``soft_forward`` flag, not as a mode of its own, so a config can only pick these.
-ROUNDING_MODES: Dict[str, RoundFn] = {"ste": ste_round, "soft": soft_round}
+class Rounding(NamedTuple):
+    """One rounding mode: ``forward(v, alpha)`` is ``R(v)`` with the mode's gradient through
+    autograd; ``grad(v, alpha)`` is ``R'(v)``, which the fused quantizer's written-out backward uses."""
 
-#: name -> ``R'(v)`` used by the fused quantizer's hand-written backward. A new mode adds one
-#: entry here and one in :data:`ROUNDING_MODES`.
-ROUNDING_GRADS: Dict[str, GradFn] = {"ste": ste_round_grad, "soft": soft_round_grad}
+    forward: RoundFn
+    grad: GradFn
 
 
-def get_rounding(mode: str, soft_forward: bool = False) -> RoundFn:
-    """The function for ``mode``; raises with the allowed names for an unknown one."""
-    if mode not in ROUNDING_MODES:
-        raise ValueError(f"unknown rounding mode {mode!r}; allowed: {sorted(ROUNDING_MODES)}")
-    if mode == "soft" and soft_forward:
-        return soft_forward_round
-    return ROUNDING_MODES[mode]
+#: name -> :class:`Rounding`. ``soft_forward`` is reached through the quantizer's flag, not as a
+#: mode of its own, so a config can only pick these.
+ROUNDINGS: Dict[str, Rounding] = {
+    "ste": Rounding(ste_round, ste_round_grad),
+    "soft": Rounding(soft_round, soft_round_grad),
+}
+
+if tuple(ROUNDINGS) != ROUNDING_NAMES:  # pragma: no cover - a mode added to one list and not the other
+    raise ImportError(f"rounding table {tuple(ROUNDINGS)} does not match spec.ROUNDING_NAMES {ROUNDING_NAMES}")
