@@ -1,4 +1,4 @@
-"""IDD loss, the frozen FP teacher and the parameter groups of ``quant.idd.params``."""
+"""IDD loss, the frozen FP teacher and the QAT parameter groups (``quant.idd.params``)."""
 import copy
 import io
 import math
@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from qgait_plugin import iter_quantizers, quantize_model
-from qgait_plugin.distill import (FrozenTeacher, IDDLoss, attach_teacher, get_teacher, idd_param_groups,
-                                  make_teacher, part_distances)
+from qgait_plugin import ConfigError, iter_quantizers, quantize_model
+from qgait_plugin.distill import IDDLoss, part_distances
+from qgait_plugin.param_groups import qat_param_groups
+from qgait_plugin.teacher import SHARED_WITH_STUDENT, FrozenTeacher, attach_teacher, get_teacher, make_teacher
 
 CRITERIA = ("smooth_l1", "l1", "l2")
 
@@ -118,7 +119,7 @@ def test_same_label_pairs_do_not_count(criterion):
     s = torch.randn(7, 16, 2, dtype=torch.float64)
     t = torch.randn(7, 16, 2, dtype=torch.float64)
     s2 = _move_within_class(s, y, 0)
-    d1, d2 = part_distances(s), part_distances(s2)
+    d1, d2 = part_distances(s).mean(0), part_distances(s2).mean(0)
     inter = y[:, None] != y[None, :]
     same0 = (y[:, None] == 0) & (y[None, :] == 0) & ~torch.eye(7, dtype=torch.bool)
     assert torch.allclose(d1[inter], d2[inter], atol=1e-5)  # the construction keeps inter-class distances
@@ -145,10 +146,15 @@ def test_pair_fraction_weight_and_two_dim_embeddings():
     assert flat.item() == pytest.approx(one_part.item(), rel=1e-6)
 
 
-def test_part_distances_average_over_parts():
+def test_part_distances_per_part_exact_on_the_diagonal():
     x = torch.randn(5, 7, 3)
-    want = torch.stack([torch.cdist(x[:, :, k], x[:, :, k]) for k in range(3)]).mean(0)
-    assert torch.allclose(part_distances(x), want, atol=1e-5)
+    want = torch.stack([torch.cdist(x[:, :, k], x[:, :, k]) for k in range(3)])
+    d = part_distances(x)
+    assert d.shape == (3, 5, 5) and torch.allclose(d, want, atol=1e-5)
+    assert torch.equal(d.diagonal(dim1=1, dim2=2), torch.zeros(3, 5))
+    x.requires_grad_(True)
+    part_distances(x).sum().backward()  # zero distances on the diagonal: a finite gradient, no epsilon
+    assert torch.isfinite(x.grad).all()
 
 
 def test_rejects_bad_inputs():
@@ -335,16 +341,21 @@ def test_make_teacher_shares_host_run_state_but_copies_the_network():
     assert t.extra is not student.extra and t.extra.module is t.fc and t.fc is not student.fc
     fp.eval()
     assert torch.allclose(teacher(x), fp(x), atol=1e-6)
+    # the rule is the list: a run-state object under another name is copied like everything else
+    assert {"train_loader", "optimizer", "msg_mgr"} <= set(SHARED_WITH_STUDENT)
+    student.logger = _Writer()
+    with pytest.raises(TypeError):
+        make_teacher(student, fp_sd)
 
 
 def test_make_teacher_names_keys_that_do_not_fit():
     fp, fp_sd, student, x = fp_and_student()
     broken = dict(fp_sd)
     del broken["backbone.1.running_var"]
-    with pytest.raises(KeyError, match=r"backbone\.1\.running_var"):
+    with pytest.raises(ConfigError, match=r"backbone\.1\.running_var"):
         make_teacher(student, broken)
     extra = dict(fp_sd, **{"head.weight": torch.zeros(3)})
-    with pytest.raises(KeyError, match=r"head\.weight"):
+    with pytest.raises(ConfigError, match=r"head\.weight"):
         make_teacher(student, extra)
     # accepted forms: an OpenGait checkpoint, DDP prefixes, a state dict with quantizer keys
     ckpt = {"model": fp_sd, "optimizer": {}, "iteration": 10}
@@ -362,7 +373,7 @@ def test_make_teacher_names_keys_that_do_not_fit():
 
 def test_param_groups_all_trains_everything_once():
     _, _, student, _ = fp_and_student()
-    groups = idd_param_groups(student, "all")
+    groups = qat_param_groups(student, "all")
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in student.parameters() if p.requires_grad}
@@ -376,7 +387,7 @@ def test_param_groups_all_trains_everything_once():
 def test_param_groups_quantizers_trains_only_steps_and_bn():
     fp, fp_sd, student, x = fp_and_student()
     trainable_before = {n for n, p in student.named_parameters() if p.requires_grad}
-    groups = idd_param_groups(student, "quantizers")
+    groups = qat_param_groups(student, "quantizers")
     assert {g["name"] for g in groups} == {"quantizer_steps", "bn"}
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".step") or n.startswith(("backbone.1.", "backbone.4.")) for n in trainable)
@@ -397,7 +408,7 @@ def test_param_groups_quantizers_trains_only_steps_and_bn():
 
 def test_param_groups_rejects_bad_requests():
     _, _, student, _ = fp_and_student()
-    with pytest.raises(ValueError, match="quant.idd.params"):
-        idd_param_groups(student, "weights")
+    with pytest.raises(ConfigError, match=r"quant\.idd\.params\): 'weights' is not allowed"):
+        qat_param_groups(student, "weights")
     with pytest.raises(ValueError, match="quantize_model"):
-        idd_param_groups(TinyGait(), "quantizers")
+        qat_param_groups(TinyGait(), "quantizers")

@@ -91,8 +91,10 @@ class Trainer:
             self.fp_state = load_fp_weights(self.model, self.quant.init_from)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.quant is not None:
-            from ..distill import IDDLoss, idd_param_groups, make_teacher
+            from ..distill import IDDLoss
+            from ..param_groups import qat_param_groups
             from ..schedule import QGaitSchedule
+            from ..teacher import make_teacher
 
             self.schedule = QGaitSchedule.from_config(self.quant)
             if self.quant.idd.enabled:
@@ -104,7 +106,7 @@ class Trainer:
                 self.idd = IDDLoss(weight=self.quant.idd.weight, criterion=self.quant.idd.criterion)
             # step sizes in their own group without weight decay, for LSQ and QGait alike; idd.params
             # (all | quantizers) only applies when IDD is on
-            params = idd_param_groups(self.model, self.quant.idd.params if self.quant.idd.enabled else "all")
+            params = qat_param_groups(self.model, self.quant.idd.params if self.quant.idd.enabled else "all")
         o = dict(cfg["optimizer_cfg"])
         solver = o.pop("solver")
         kw = {"lr": o["lr"], "weight_decay": o.get("weight_decay", 0.0)}

@@ -35,8 +35,9 @@ from torch import nn
 
 from ..checkpoint import load_float_state_dict, read_checkpoint
 from ..config import QuantConfig
-from ..distill import attach_teacher, get_teacher, idd_param_groups, make_teacher
+from ..param_groups import qat_param_groups
 from ..quant.convert import iter_quantizers, quantize_model
+from ..teacher import attach_teacher, get_teacher, make_teacher
 
 #: OpenGait loss ``type`` of the IDD loss, and the ``log_prefix`` used when the plugin adds it.
 IDD_LOSS_TYPE = "QGaitIDDLoss"
@@ -125,21 +126,11 @@ def make_quant_aware(orig: type) -> type:
                 if fp_sd is None:
                     self.msg_mgr.log_warning("qgait: idd is enabled without quant.init_from; the teacher is the "
                                              "randomly initialised FP network")
-                attach_teacher(self, self._qgait_make_teacher(fp_sd))
+                attach_teacher(self, make_teacher(self, fp_sd if fp_sd is not None else self.state_dict()))
             if qcfg.idd.params == "quantizers":
                 # freezes all but quantizer steps and BatchNorm before OpenGait builds its optimizer
-                frozen = idd_param_groups(self, "quantizers").frozen
+                frozen = qat_param_groups(self, "quantizers").frozen
                 self.msg_mgr.log_info(f"qgait: idd.params=quantizers froze {len(frozen)} parameters")
-
-        def _qgait_make_teacher(self, fp_sd: Optional[Dict[str, torch.Tensor]]) -> Any:
-            # Non-module helpers (logger, tensorboard writer) cannot be deep-copied; share them instead.
-            stash = {k: self.__dict__.pop(k) for k in ("msg_mgr",) if k in self.__dict__}
-            try:
-                teacher = make_teacher(self, fp_sd if fp_sd is not None else self.state_dict())
-            finally:
-                self.__dict__.update(stash)
-            teacher.module.__dict__.update(stash)
-            return teacher
 
         # -- training -----------------------------------------------------------------------
         def forward(self, inputs: Any) -> Dict[str, Any]:

@@ -76,6 +76,13 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / DataParallel wrapper (``model`` itself when it is not wrapped)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def iter_quantizers(model: nn.Module) -> Iterator[Tuple[str, LSQQuantizer]]:
     for name, m in model.named_modules():
         if isinstance(m, LSQQuantizer):
