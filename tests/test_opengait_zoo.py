@@ -41,6 +41,7 @@ def test_fc_handlers_quantize_what_is_multiplied(og):
     import torch
 
     from qgait_plugin import QuantConfig, quantize_model
+    from qgait_plugin.quant.quantizer import STEP_EPS
 
     neck = og.modules.SeparateBNNecks(parts_num=2, in_channels=8, class_num=5)
     fcs = og.modules.SeparateFCs(parts_num=2, in_channels=8, out_channels=8)
@@ -53,5 +54,5 @@ def test_fc_handlers_quantize_what_is_multiplied(og):
     assert float(neck.weight_quant.step.detach().max()) < 1.0
     assert torch.allclose(feat.norm(dim=1), torch.ones(6, 2), atol=1e-5)
     w = neck.quantized_weight  # [p, c, classes]
-    grid = (w / neck.weight_quant.step.clamp_min(1e-8))
+    grid = w / neck.weight_quant.step.clamp_min(STEP_EPS)
     assert torch.allclose(grid, grid.round(), atol=1e-4) and float(grid.abs().max()) <= 7 + 1e-4

@@ -1,67 +1,25 @@
 """ONNX export of a converted model as a QDQ graph with integer weights.
 
 Torch's default (dynamo) exporter fails on fake-quantize ops, so this uses the TorchScript
-exporter (``dynamo=False``), which writes ``torch.fake_quantize_*`` as QuantizeLinear /
-DequantizeLinear. A second pass folds every weight's QuantizeLinear into an int8 initializer, so
-the file stores integers (a weight travels as ``int8 -> DequantizeLinear``) and onnxruntime can
-fuse the pattern into integer kernels (QLinearConv/MatMulInteger) where the CPU supports them.
+exporter (``dynamo=False``), which writes ``torch.fake_quantize_*`` (what the quantizers emit
+inside :func:`~qgait_plugin.export.qdq.export_mode`) as QuantizeLinear / DequantizeLinear. A
+second pass folds every weight's QuantizeLinear into an int8 initializer, so the file stores
+integers (a weight travels as ``int8 -> DequantizeLinear``) and onnxruntime can fuse the pattern
+into integer kernels (QLinearConv/MatMulInteger) where the CPU supports them.
 Needs the ``export`` extra (onnx, onnxruntime).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import warnings
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from ..quant.convert import iter_quantizers
-from ..quant.layers import QuantLayerMixin
-from ..quant.quantizer import LSQQuantizer
-
-
-class _TracingQuantizer(LSQQuantizer):
-    """An LSQQuantizer without extra state: TorchScript tracing cannot hold a dict in a state dict."""
-
-    get_extra_state = nn.Module.get_extra_state
-    set_extra_state = nn.Module.set_extra_state
-
-
-@contextlib.contextmanager
-def export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Quantizers emit torch's fake-quantize ops while inside; the model is in eval mode.
-
-    Weights are clamped to their own grid's range for the duration (quantizing a clamped weight
-    gives the same integers), so the 8-bit container never clips a narrower grid differently.
-    """
-    qs = [q for _, q in iter_quantizers(model)]
-    was_training = model.training
-    saved = []
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, QuantLayerMixin) and m.weight_quant.enabled:
-                w, wq = getattr(m, m.qgait_param), m.weight_quant
-                s = wq.step.detach().clamp_min(1e-8)
-                saved.append((w, w.detach().clone()))
-                w.copy_(torch.minimum(torch.maximum(w, s * wq.qmin), s * wq.qmax))
-    for q in qs:
-        q.exporting = True
-        q.__class__ = _TracingQuantizer
-    model.eval()
-    try:
-        yield model
-    finally:
-        for q in qs:
-            q.exporting = False
-            q.__class__ = LSQQuantizer
-        with torch.no_grad():
-            for w, original in saved:
-                w.copy_(original)
-        model.train(was_training)
+from .qdq import export_mode
 
 
 def _fold_weight_quantize(onnx_model: Any) -> int:

@@ -32,6 +32,13 @@ def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(np.pad(planes, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little").reshape(-1)
 
 
+def _integers(m: nn.Module) -> torch.Tensor:
+    """The integers ``round(clamp(w / s))`` the deployed layer ``m`` stores for its weight."""
+    wq = m.weight_quant
+    qmin, qmax = wq.qrange_now()
+    return torch.clamp(torch.round(getattr(m, m.qgait_param).detach() / wq.effective_step()), qmin, qmax)
+
+
 def _quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin) and m.weight_quant.enabled}
 
@@ -45,7 +52,7 @@ def save_packed(model: nn.Module, path: str) -> int:
         if not bool(wq.initialized):
             raise RuntimeError(f"{name}: weight quantizer never initialised; run the model once before saving")
         w = getattr(m, m.qgait_param)
-        ints = wq.integer_values(w).to(torch.int64) - wq.qmin  # shift to 0..qmax-qmin
+        ints = _integers(m).to(torch.int64) - wq.qmin  # shift to 0..qmax-qmin
         layers[name] = {"bits": wq.bits, "shape": list(w.shape), "qmin": wq.qmin,
                         "data": torch.from_numpy(pack_bits(ints.cpu().numpy(), wq.bits))}
         skip.add(f"{name}.{m.qgait_param}" if name else m.qgait_param)
@@ -75,5 +82,5 @@ def load_packed(model: nn.Module, path: str) -> nn.Module:
                              f"{m.weight_quant.bits}-bit {list(w.shape)}")
         ints = unpack_bits(entry["data"].numpy(), entry["bits"], w.numel()).astype(np.int64) + entry["qmin"]
         q = torch.from_numpy(ints).reshape(w.shape).to(w.dtype)
-        w.copy_(q * m.weight_quant.step.detach().clamp_min(1e-8).to(w.dtype))
+        w.copy_(q * m.weight_quant.effective_step().to(w.dtype))
     return model

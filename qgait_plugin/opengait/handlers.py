@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.handlers import ParamMatmulHandler, register_handler
-from ..quant.layers import QuantLayerMixin
+from ..quant.layers import QuantLayerMixin, quant_subclass
 
 
 def _fc_weight(m: nn.Module) -> torch.Tensor:
@@ -68,13 +68,9 @@ class OpenGaitFCHandler(ParamMatmulHandler):
     def __init__(self, forward_mixin: type) -> None:
         super().__init__(param="fc_bin")
         self.forward_mixin = forward_mixin
-        self._classes: Dict[type, type] = {}
 
     def quant_class(self, cls: type) -> type:
-        if cls not in self._classes:
-            self._classes[cls] = type(f"Quant{cls.__name__}", (self.forward_mixin, cls),
-                                      {"qgait_float_class": cls, "__module__": __name__})
-        return self._classes[cls]
+        return quant_subclass(cls, self.forward_mixin)
 
     def __repr__(self) -> str:
         return f"OpenGaitFCHandler({self.forward_mixin.__name__})"

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple, Type
 import torch
 from torch import nn
 
-from .layers import FLOAT_TO_QUANT, param_matmul_class
+from .layers import FLOAT_TO_QUANT, quant_subclass
 
 
 class LayerHandler:
@@ -66,7 +66,7 @@ class ParamMatmulHandler(LayerHandler):
         return tuple(weight.shape[d] if d in keep else 1 for d in range(nd))
 
     def quant_class(self, cls: type) -> type:
-        return param_matmul_class(cls)
+        return quant_subclass(cls)
 
 
 _REGISTRY: Dict[type, LayerHandler] = {}

@@ -6,7 +6,7 @@ keeps object identity, so modules held in lambdas or plain Python objects are co
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Type
+from typing import Any, Dict, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -33,25 +33,23 @@ class QuantLayerMixin:
         return self.weight_quant(getattr(self, self.qgait_param))
 
 
-class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+class _QuantConvForward(QuantLayerMixin):
+    """Forward of the quantized ``nn.Conv1d/2d/3d``: the float conv on the quantized input and weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)  # type: ignore[attr-defined]
+
+
+class QuantConv1d(_QuantConvForward, nn.Conv1d):
     qgait_float_class = nn.Conv1d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
-
-class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+class QuantConv2d(_QuantConvForward, nn.Conv2d):
     qgait_float_class = nn.Conv2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
-
-class QuantConv3d(QuantLayerMixin, nn.Conv3d):
+class QuantConv3d(_QuantConvForward, nn.Conv3d):
     qgait_float_class = nn.Conv3d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -90,15 +88,22 @@ class _QuantParamForward(QuantLayerMixin):
             object.__setattr__(self, "_qgait_in_call", False)
 
 
-_PARAM_CLASSES: Dict[type, type] = {}
+_SUBCLASSES: Dict[Tuple[type, type], type] = {}
 
 
-def param_matmul_class(cls: Type[nn.Module]) -> type:
-    """The quantized subclass of ``cls`` (made once per class, so ``isinstance`` and pickling of state behave)."""
-    if cls not in _PARAM_CLASSES:
-        _PARAM_CLASSES[cls] = type(f"Quant{cls.__name__}", (_QuantParamForward, cls),
-                                   {"qgait_float_class": cls, "__module__": __name__})
-    return _PARAM_CLASSES[cls]
+def quant_subclass(cls: Type[nn.Module], forward_mixin: type = _QuantParamForward) -> type:
+    """``Quant<cls>``: ``cls`` with ``forward_mixin``'s quantized forward in front of its own.
+
+    Made once per pair, so ``isinstance`` holds across conversions and ``dequantize_model`` finds
+    the float class. The default mixin quantizes a module that multiplies by a raw parameter
+    (:class:`_QuantParamForward`); a host passes its own for modules that need another placement
+    of the quantizers.
+    """
+    key = (forward_mixin, cls)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Quant{cls.__name__}", (forward_mixin, cls),
+                                {"qgait_float_class": cls, "__module__": forward_mixin.__module__})
+    return _SUBCLASSES[key]
 
 
 FLOAT_TO_QUANT: Dict[type, type] = {nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,

@@ -250,8 +250,6 @@ class LSQQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if getattr(self, "exporting", False):
-            return self.export_forward(x)
         if not bool(self.initialized):
             if self.kind == "act" and not self.training:
                 raise RuntimeError("activation quantizer used in eval mode before initialisation: run one training "
@@ -276,36 +274,3 @@ class LSQQuantizer(nn.Module):
         self.alpha = float(state["alpha"])
         self.soft_forward = bool(state["soft_forward"])
         self.enabled = bool(state["enabled"])
-
-    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same values through torch's own fake-quantize ops, which ONNX export turns into
-        QuantizeLinear/DequantizeLinear. Grids narrower than 8 bits travel in an 8-bit container
-        (int8 ``[-128, 127]`` or uint8 ``[0, 255]``, the ranges onnxruntime runs) behind a clamp to
-        their own range, so the exported graph computes exactly what training saw.
-        """
-        if not bool(self.initialized):
-            raise RuntimeError("cannot export a quantizer that was never initialised: run a training batch first")
-        qmin, qmax = self.qrange_now()
-        cmin, cmax = (-128, 127) if self.signed else (0, 255)
-        # Python numbers and freshly made tensors become constants in the traced graph
-        steps = self.step.detach().clamp_min(STEP_EPS).reshape(-1).tolist()
-        axes = [i for i, n in enumerate(self.step.shape) if n > 1]
-        if not axes:
-            if (qmin, qmax) != (cmin, cmax):
-                x = torch.clamp(x, steps[0] * qmin, steps[0] * qmax)
-            return torch.fake_quantize_per_tensor_affine(x, steps[0], 0, cmin, cmax)
-        # weights: the exporter clamps them to their grid's range beforehand (see export_mode)
-        if len(axes) == 1:
-            scale = torch.tensor(steps, dtype=torch.float32)
-            zp = torch.zeros(len(steps), dtype=torch.int32)
-            return torch.fake_quantize_per_channel_affine(x, scale, zp, axes[0], cmin, cmax)
-        # steps along several axes (per part and channel): no single-axis op exists; the values are
-        # computed here and constant-folded by the exporter, exact but stored as float
-        s = torch.tensor(steps, dtype=x.dtype).reshape(self.step.shape)
-        return torch.clamp(torch.round(x / s), qmin, qmax) * s
-
-    def integer_values(self, x: torch.Tensor) -> torch.Tensor:
-        """The integers ``round(clamp(x / s))`` the deployed model stores (for export and tests)."""
-        s = self.step.detach().clamp_min(STEP_EPS)
-        qmin, qmax = self.qrange_now()
-        return torch.clamp(torch.round(x.detach() / s), qmin, qmax)
