@@ -97,7 +97,8 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
     import torch
     import torch.distributed as dist
 
-    from .registry import LAST_MODEL, RESULT_HOOKS, register
+    from .registry import register
+    from .run_context import RunContext
     from .runtime import CpuRuntime, apply_cpu_overrides, cpu_config_problems, init_process_group
 
     if phase not in ("train", "test"):
@@ -108,8 +109,9 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
     if not cfg_path.is_file():
         raise LaunchError(f"--cfgs: {cfgs} does not exist (expected an OpenGait config YAML)")
     og = import_opengait(root)
+    run_ctx = RunContext()
     if plugin:  # off only to compare against untouched OpenGait
-        register(og)
+        register(og, context=run_ctx)
     if workdir:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     os.chdir(Path(workdir).resolve() if workdir else og.root)
@@ -156,19 +158,20 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         out.write_text(json.dumps(rec, indent=2))
         print(f"qgait: results written to {out.resolve()}", flush=True)
 
-    RESULT_HOOKS.append(write_results)
+    run_ctx.on_result = write_results
     try:
         main.initialization(cfg, training)
         main.run_model(cfg, training)
-        if dump_quantizers and LAST_MODEL:
+        if dump_quantizers and run_ctx.model is not None:
             from ..quant.convert import iter_quantizers
 
-            steps = {n: q.step.detach().cpu() for n, q in iter_quantizers(LAST_MODEL[0])}
+            steps = {n: q.step.detach().cpu() for n, q in iter_quantizers(run_ctx.model)}
             target = Path(dump_quantizers.replace("{rank}", str(dist.get_rank())))
             target.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"rank": dist.get_rank(), "iteration": LAST_MODEL[0].iteration, "steps": steps}, target)
+            torch.save({"rank": dist.get_rank(), "iteration": run_ctx.model.iteration, "steps": steps}, target)
     finally:
-        RESULT_HOOKS.remove(write_results)
+        if plugin:
+            register(og, context=None)  # the classes stop reporting to this run
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

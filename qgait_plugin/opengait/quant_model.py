@@ -1,0 +1,156 @@
+"""The quant-aware version of an OpenGait model class: QAT along ``BaseModel``'s life cycle.
+
+:func:`make_quant_aware` puts :class:`QuantAwareModel` in front of an OpenGait model class, under
+the same name. A config without a ``quant:`` section runs exactly as before: every override then
+just calls the original. With ``quant:``, along OpenGait's ``BaseModel`` life cycle:
+
+* ``build_network``: converts the network (``quantize_model``) right after it is built, and adds
+  the IDD loss to ``loss_cfg`` when IDD is on and the config does not declare it;
+* ``init_parameters``: after OpenGait re-initialises every layer, loads ``quant.init_from``
+  (strict except for quantizer keys) and builds the FP teacher from the same weights; the teacher
+  is kept outside ``state_dict``, the optimizer and DDP; ``idd.params: quantizers`` freezes
+  everything but quantizer steps and BatchNorm before OpenGait builds its optimizer;
+* ``forward``: adds ``{student, teacher, labels}`` under the IDD loss's ``log_prefix``;
+* ``train_step``: after OpenGait's step, applies the two-phase schedule for the next iteration;
+* ``qgait_state`` submodule: its extra state (schedule state) travels in OpenGait's checkpoints,
+  so an integer ``restore_hint`` resumes in the right phase; quantizer steps are parameters and
+  their flags buffers/extra state of the quantizers, so they travel too;
+* ``run_test``: OpenGait's own test (strict load is OpenGait's ``restore_ckpt_strict``), then the
+  result goes to the class's :class:`~qgait_plugin.opengait.run_context.RunContext`, if any
+  (the launcher writes a results JSON).
+
+Activation steps initialise on the first training batch inside the quantizers and are averaged
+across ranks there (``qgait_plugin.quant.quantizer``), so every DDP rank starts equal.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_float_state_dict, read_checkpoint
+from ..config import QuantConfig
+from ..param_groups import qat_param_groups
+from ..quant.convert import iter_quantizers, quantize_model
+from ..schedule import QGaitSchedule
+from ..teacher import attach_teacher, get_teacher, make_teacher
+from .idd_loss import add_idd_loss, idd_log_prefix
+from .run_context import RunContext
+
+
+class PluginState(nn.Module):
+    """Holds the schedule; its extra state (schedule state + quant config) rides in the model's state dict."""
+
+    def __init__(self, schedule: QGaitSchedule, config: QuantConfig) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.config = config
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"schedule": self.schedule.state_dict(), "quant": self.config.to_dict()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        if state.get("schedule") is not None:
+            self.schedule.load_state_dict(state["schedule"])
+
+
+class QuantAwareModel:
+    """Mixed in front of an OpenGait ``BaseModel`` subclass by :func:`make_quant_aware`.
+
+    Class attributes: ``_qgait_original`` is the OpenGait class, ``_qgait_context`` the run
+    context the last :func:`~qgait_plugin.opengait.registry.register` call gave (``None``: nobody
+    listens).
+    """
+
+    _qgait_original: type
+    _qgait_context: Optional[RunContext] = None
+
+    def __init__(self, cfgs: Dict[str, Any], training: bool) -> None:
+        object.__setattr__(self, "_qgait_training", bool(training))
+        object.__setattr__(self, "_qgait_cfg", None)
+        super().__init__(cfgs, training)  # type: ignore[call-arg]
+        if self._qgait_context is not None:
+            self._qgait_context.model_built(self)  # type: ignore[arg-type]
+        if self._qgait_cfg is not None and training:
+            sched = self.qgait_state.schedule
+            sched.apply(self.iteration, self, self.optimizer, self.scheduler)
+            self.msg_mgr.log_info(f"qgait: iteration {self.iteration}, phase {sched.phase(self.iteration)!r}")
+
+    # -- network ----------------------------------------------------------------------------
+    def build_network(self, model_cfg: Dict[str, Any]) -> None:
+        super().build_network(model_cfg)  # type: ignore[misc]
+        if self.cfgs.get("quant") is None:
+            return
+        qcfg = QuantConfig.from_dict(self.cfgs["quant"])
+        object.__setattr__(self, "_qgait_cfg", qcfg)
+        quantize_model(self, qcfg)
+        n = sum(1 for _ in iter_quantizers(self)) // 2
+        self.msg_mgr.log_info(f"qgait: quantized {n} layers of {type(self).__name__} "
+                              f"(W{qcfg.weight.bits}A{qcfg.act.bits}, rounding {qcfg.rounding})")
+        if qcfg.idd.enabled and self._qgait_training:
+            add_idd_loss(self.cfgs, qcfg)
+
+    def init_parameters(self) -> None:
+        super().init_parameters()  # type: ignore[misc]
+        qcfg = self._qgait_cfg
+        if qcfg is None:
+            return
+        if self._qgait_training:
+            self._qgait_init_training(qcfg)
+        # Created after the teacher copy, so the teacher (an FP copy) has no plugin state.
+        self.qgait_state = PluginState(QGaitSchedule.from_config(qcfg), qcfg)
+
+    def _qgait_init_training(self, qcfg: QuantConfig) -> None:
+        fp_sd = None
+        if qcfg.init_from:
+            fp_sd = load_float_state_dict(self, read_checkpoint(qcfg.init_from, "quant.init_from"),
+                                          source=f"quant.init_from: {qcfg.init_from!r}")
+            self.msg_mgr.log_info(f"qgait: loaded FP weights from {qcfg.init_from}")
+        if qcfg.idd.enabled:
+            if fp_sd is None:
+                self.msg_mgr.log_warning("qgait: idd is enabled without quant.init_from; the teacher is the "
+                                         "randomly initialised FP network")
+            attach_teacher(self, make_teacher(self, fp_sd if fp_sd is not None else self.state_dict()))
+        if qcfg.idd.params == "quantizers":
+            # freezes all but quantizer steps and BatchNorm before OpenGait builds its optimizer
+            frozen = qat_param_groups(self, "quantizers").frozen
+            self.msg_mgr.log_info(f"qgait: idd.params=quantizers froze {len(frozen)} parameters")
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, inputs: Any) -> Dict[str, Any]:
+        retval = super().forward(inputs)  # type: ignore[misc]
+        teacher = get_teacher(self)
+        if teacher is None or not self.training:
+            return retval
+        student = retval["inference_feat"]["embeddings"]
+        t_emb = teacher(inputs)["inference_feat"]["embeddings"]  # eval mode, no_grad, follows the device
+        retval["training_feat"][idd_log_prefix(self.cfgs)] = {"student": student, "teacher": t_emb.detach(),
+                                                              "labels": inputs[1]}
+        return retval
+
+    def train_step(self, loss_sum: torch.Tensor) -> bool:
+        ok = super().train_step(loss_sum)  # type: ignore[misc]
+        if self._qgait_cfg is not None:
+            sched = self.qgait_state.schedule
+            before = sched.last_phase
+            phase = sched.apply(self.iteration, self, self.optimizer, self.scheduler)
+            if phase != before:
+                self.msg_mgr.log_info(f"qgait: iteration {self.iteration}: phase {before!r} -> {phase!r} "
+                                      f"(lr x{sched.lr_scale:g})")
+        return ok
+
+    # -- testing ----------------------------------------------------------------------------
+    @classmethod
+    def run_test(cls, model: nn.Module) -> Any:
+        result = super().run_test(model)  # type: ignore[misc]  # OpenGait's static run_test
+        if cls._qgait_context is not None:
+            cls._qgait_context.test_finished(model, result)
+        return result
+
+
+def make_quant_aware(orig: type) -> type:
+    """A subclass of OpenGait model class ``orig``, same name, that adds QAT when ``cfgs`` has ``quant:``."""
+    doc = (orig.__doc__ or "") + "\n\n(qgait-plugin: quant-aware when the config has a `quant:` section.)"
+    return type(orig.__name__, (QuantAwareModel, orig), {"_qgait_original": orig, "__qualname__": orig.__qualname__,
+                                                         "__module__": orig.__module__, "__doc__": doc})
