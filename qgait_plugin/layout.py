@@ -64,18 +64,17 @@ def view_name(view: Union[int, str]) -> str:
     return f"{int(view):03d}"
 
 
-def sequence_path(root: PathLike, sid: str, seq_type: str, view: str, name: Optional[str] = None) -> Path:
-    """``root/<id>/<type>/<view>/<name>.pkl``; ``name`` defaults to the view, as OpenGait's pretreatment writes."""
-    return Path(root) / sid / seq_type / view / f"{name or view}.pkl"
+def sequence_path(root: PathLike, sid: str, seq_type: str, view: str) -> Path:
+    """``root/<id>/<type>/<view>/<view>.pkl``: the file named after the view, as OpenGait's pretreatment writes."""
+    return Path(root) / sid / seq_type / view / f"{view}.pkl"
 
 
-def write_sequence(root: PathLike, sid: str, seq_type: str, view: str, frames: np.ndarray,
-                   name: Optional[str] = None) -> Path:
+def write_sequence(root: PathLike, sid: str, seq_type: str, view: str, frames: np.ndarray) -> Path:
     """Pickle uint8 frames ``[T, H, W]`` to the sequence's path (whole or not at all); returns the path."""
     if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[0] == 0:
         raise DataError(f"write_sequence {sid}/{seq_type}/{view}: expected non-empty uint8 [T, H, W], "
                         f"got {frames.dtype} {frames.shape}")
-    path = sequence_path(root, sid, seq_type, view, name)
+    path = sequence_path(root, sid, seq_type, view)
     data = pickle.dumps(np.ascontiguousarray(frames), protocol=PICKLE_PROTOCOL)
     write_atomic(str(path), lambda tmp: _write(tmp, data), sync=False)
     return path
