@@ -1,18 +1,35 @@
-"""The ``qgait`` command: one parser, subcommands contributed by the hosts.
+"""The ``qgait`` command: one parser, one subcommand per command module.
 
-Each host module exposes ``add_commands(subparsers)``; heavy imports happen inside the command
-functions, so ``qgait --help`` is fast and works without OpenGait.
+Every command module exposes the same two functions, ``add_arguments(parser)`` and
+``run(args) -> int``, and imports what a run needs (the trainer, OpenGait, onnxruntime) inside
+``run``, so the parser builds quickly and without OpenGait. Expected failures
+are :class:`~qgait_plugin.errors.QGaitError`; :func:`main` prints them once, as
+``qgait <command>: <message>``, and exits with code 2. Anything else keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-#: modules that add subcommands; a missing module (a trimmed install) just adds none
-COMMAND_MODULES = ("qgait_plugin.synth.cli", "qgait_plugin.local.cli", "qgait_plugin.opengait.cli",
-                   "qgait_plugin.bench.cli")
+from .errors import QGaitError
+
+#: (command, module, one-line help) in the order ``qgait --help`` lists them; a module that is not
+#: there (a trimmed install) adds no command
+COMMANDS: Tuple[Tuple[str, str, str], ...] = (
+    ("synth", "qgait_plugin.synth.cli", "generate gait silhouettes in OpenGait's format (CASIA-B structure)"),
+    ("train", "qgait_plugin.local.train_cmd", "train (FP, or QAT with a quant: section) with the built-in host"),
+    ("test", "qgait_plugin.local.eval_cmd", "evaluate a checkpoint with the CASIA-B protocol on the built-in host"),
+    ("demo", "qgait_plugin.local.demo", "generate data, train FP, quantize W8A8/W4A4 with LSQ and QGait, compare"),
+    ("export", "qgait_plugin.local.export_cmd",
+     "a trained QAT checkpoint out as ONNX with integer weights (+ packed file)"),
+    ("ablate", "qgait_plugin.local.ablation", "LSQ vs QGait variants at another bit width, from a finished demo"),
+    ("opengait", "qgait_plugin.opengait.cli", "run OpenGait training/testing with the QGait plugin registered"),
+    ("patch", "qgait_plugin.opengait.patching", "make an OpenGait checkout's own main.py load the plugin"),
+    ("compare", "qgait_plugin.opengait.compare", "table of rank-1/mAP, delta vs FP, size and bits of OpenGait runs"),
+    ("bench", "qgait_plugin.bench.cli", "benchmarks: training overhead, exported size and latency"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,27 +38,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantization-aware training for gait recognition (QGait): soft quantizer, two-phase schedule, "
                     "IDD distillation; a built-in CPU demo and an OpenGait adapter.")
     from . import __version__
+
     parser.add_argument("--version", action="version", version=f"qgait-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for command, name, helptext in COMMANDS:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
             if e.name != name:
                 raise
             continue
-        mod.add_commands(sub)
+        p = sub.add_parser(command, help=helptext, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    if args.command is None:
         parser.print_help()
-        return 0 if args.command is None else 2
+        return 0
     try:
         return int(args.func(args) or 0)
+    except QGaitError as e:
+        print(f"qgait {args.command}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -13,3 +13,7 @@ class QGaitError(Exception):
 
 class ConfigError(QGaitError, ValueError):
     """A config section, key or value that cannot be used as written."""
+
+
+class InputNotFound(QGaitError, FileNotFoundError):
+    """A file or folder the command needs (named by the user, or made by an earlier step) is not there."""

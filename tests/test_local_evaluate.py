@@ -1,5 +1,4 @@
 """The CASIA-B protocol of the built-in host, checked on cases small enough to compute by hand."""
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,10 @@ def test_rank1_per_condition_hand_computed():
     ids, types, views, vals = [], [], [], []
 
     def add(i, t, v, x):
-        ids.append(str(i)); types.append(t); views.append(v); vals.append(x)
+        ids.append(str(i))
+        types.append(t)
+        views.append(v)
+        vals.append(x)
 
     for i in range(3):
         for v in ("000", "090"):

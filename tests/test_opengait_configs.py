@@ -14,7 +14,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "opengait"
 EXPECTED = {f"{m}_{d}_w{b}a{b}.yaml" for m, ds in (("gaitbase", ("casiab", "oumvlp", "grew", "gait3d")),
                                                    ("deepgaitv2", ("casiab", "grew", "gait3d")))
             for d in ds for b in (8, 4)}
-SECTIONS = ("data_cfg", "evaluator_cfg", "loss_cfg", "model_cfg", "optimizer_cfg", "scheduler_cfg", "trainer_cfg", "quant")
+SECTIONS = ("data_cfg", "evaluator_cfg", "loss_cfg", "model_cfg", "optimizer_cfg", "scheduler_cfg", "trainer_cfg",
+            "quant")
 DATASETS = {"casiab": "CASIA-B", "oumvlp": "OUMVLP", "grew": "GREW", "gait3d": "Gait3D"}
 
 
@@ -60,4 +61,4 @@ def test_config_keys_are_opengaits(name):
 
     og = import_opengait(str(root))
     assert hasattr(og.models, cfg["model_cfg"]["model"])
-    assert all(hasattr(og.losses, l["type"]) for l in cfg["loss_cfg"])
+    assert all(hasattr(og.losses, loss["type"]) for loss in cfg["loss_cfg"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _launch(args, cwd: Path, torchrun: int = 0) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "qgait_plugin.opengait.cli", "opengait"] + [str(a) for a in args] + \
+    cmd = [sys.executable, "-m", "qgait_plugin", "opengait"] + [str(a) for a in args] + \
         ["--root", ROOT, "--device", "cpu", "--workdir", str(cwd)]
     if torchrun:
         from qgait_plugin.opengait.runtime import free_port
@@ -75,7 +74,7 @@ def test_plain_config_trains_exactly_as_plain_opengait(ws, fp_run):
     other.mkdir()
     plain = _launch(["train", "--cfgs", ws["dir"] / "fp.yaml", "--no-plugin"], other)
     ours, theirs = _iter_lines(fp_run), _iter_lines(plain)
-    assert len(ours) == 2 and [l for _, l in ours] == [l for _, l in theirs]
+    assert len(ours) == 2 and [line for _, line in ours] == [line for _, line in theirs]
     a = torch.load(ws["fp_ckpt"], map_location="cpu", weights_only=False)["model"]
     b = torch.load(other / "output/CASIA-B/Baseline/fp/checkpoints/fp-00002.pt", map_location="cpu",
                    weights_only=False)["model"]
@@ -93,7 +92,7 @@ def test_qat_trains_across_the_switch_with_idd(ws, qat_runs):
     a, _ = qat_runs
     lines = _iter_lines(a)
     assert [int(i) for i, _ in lines] == [1, 2, 3]
-    assert all("idd_loss=" in l for _, l in lines)
+    assert all("idd_loss=" in line for _, line in lines)
     assert "phase 'ste'" in a and re.search(r"iteration 2: phase 'ste' -> 'soft'", a)
     ckpts = sorted(p.name for p in (ws["dir"] / "output/CASIA-B/Baseline/qat/checkpoints").iterdir())
     assert ckpts[:3] == ["qat-00001.pt", "qat-00002.pt", "qat-00003.pt"]
@@ -139,7 +138,7 @@ def test_test_phase_refuses_fp_checkpoint_for_quant_config(ws, fp_run):
     cfg["evaluator_cfg"]["restore_hint"] = str(ws["fp_ckpt"])
     (ws["dir"] / "bad.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "qgait_plugin.opengait.cli", "opengait", "test", "--cfgs",
+    proc = subprocess.run([sys.executable, "-m", "qgait_plugin", "opengait", "test", "--cfgs",
                            str(ws["dir"] / "bad.yaml"), "--root", ROOT, "--device", "cpu", "--workdir", str(ws["dir"])],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "Missing key(s)" in proc.stderr + proc.stdout

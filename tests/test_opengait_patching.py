@@ -67,7 +67,8 @@ def test_patched_real_main_registers_the_plugin(tmp_path):
     orig = (root / "opengait" / "main.py").read_bytes()
     apply(root)
     # run the patched script's imports (its argv parsing included) without its __main__ block
-    code = ("import runpy, sys; sys.argv=['main.py']; runpy.run_path('main.py', run_name='not_main'); import modeling.models as m, modeling.losses as l; "
+    code = ("import runpy, sys; sys.argv=['main.py']; runpy.run_path('main.py', run_name='not_main'); "
+            "import modeling.models as m, modeling.losses as l; "
             "print(m.Baseline._qgait_original.__name__, hasattr(l, 'QGaitIDDLoss'))")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = subprocess.run([sys.executable, "-c", code], cwd=root / "opengait", env=env, capture_output=True,

@@ -7,7 +7,8 @@ import os
 import pytest
 
 pytestmark = [pytest.mark.opengait, pytest.mark.slow,
-              pytest.mark.skipif(not os.environ.get("OPENGAIT_ROOT"), reason="needs an OpenGait checkout in OPENGAIT_ROOT")]
+              pytest.mark.skipif(not os.environ.get("OPENGAIT_ROOT"),
+                                 reason="needs an OpenGait checkout in OPENGAIT_ROOT")]
 
 
 @pytest.fixture(scope="module")

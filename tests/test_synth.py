@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from qgait_plugin.synth import QUICK, TYPES, VIEWS, generate_dataset, pretreat
+from qgait_plugin.layout import CASIA_B_TYPES, CASIA_B_VIEWS
+from qgait_plugin.synth import QUICK, generate_dataset, pretreat
 from qgait_plugin.synth.render import rasterize
 
 SMALL = dict(subjects=3, frames=6, views=(0, 90), types=("nm-01", "bg-01", "cl-01"), progress=False)
@@ -128,4 +129,4 @@ def test_bad_arguments_name_the_value(tmp_path):
         generate_dataset(tmp_path, subjects=3, types=("xx-01",), progress=False)
     with pytest.raises(ValueError, match="200"):
         generate_dataset(tmp_path, subjects=3, views=(200,), progress=False)
-    assert VIEWS == tuple(range(0, 181, 18)) and len(TYPES) == 10
+    assert CASIA_B_VIEWS == tuple(range(0, 181, 18)) and len(CASIA_B_TYPES) == 10

@@ -1,20 +1,29 @@
-"""``qgait bench ...``: benchmarks that print figures."""
+"""``qgait bench overhead|export``: benchmarks that print figures (speed goals live here, not in tests).
+
+``overhead``: forward + backward time of W8A8/W4A4 (STE, soft) against FP32. ``export``: ONNX file
+size and onnxruntime latency, FP32 against integer-weight models.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+
+#: benchmark -> (module, help); each module has add_arguments(parser) and run(args), as commands do
+BENCHES = {
+    "overhead": ("qgait_plugin.bench.overhead", "forward+backward time of W8A8/W4A4 (STE, soft) vs FP32"),
+    "export": ("qgait_plugin.bench.export_speed",
+               "ONNX file size and onnxruntime latency: FP32 vs W8A8/W4A4 integer weights"),
+}
 
 
-def add_commands(subparsers: "argparse._SubParsersAction") -> None:
-    p = subparsers.add_parser("bench", help="benchmarks: per-step overhead of quantized training")
-    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from . import overhead
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, helptext) in BENCHES.items():
+        mod = importlib.import_module(module)
+        b = sub.add_parser(name, help=helptext, description=mod.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(b)
 
-    o = bsub.add_parser("overhead", help="forward+backward time of W8A8/W4A4 (STE, soft) vs FP32")
-    overhead.add_arguments(o)
-    o.set_defaults(func=overhead.main_args)
 
-    from . import export_speed
-
-    e = bsub.add_parser("export", help="ONNX file size and onnxruntime latency: FP32 vs W8A8/W4A4 integer weights")
-    export_speed.add_arguments(e)
-    e.set_defaults(func=export_speed.main_args)
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(BENCHES[args.bench][0]).run(args))

@@ -10,7 +10,6 @@ import copy
 import os
 import statistics
 import tempfile
-import time
 from typing import Dict
 
 import torch
@@ -20,23 +19,13 @@ from .overhead import gait_conv_stack
 
 
 def _latency_ms(path: str, x: torch.Tensor, runs: int, threads: int) -> float:
-    import onnxruntime as ort
+    from ..export.runtime import cpu_session, time_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.numpy()}
-    for _ in range(3):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(time_session(cpu_session(path, threads), x.numpy(), runs=runs))
 
 
-def run(frames: int = 64, height: int = 64, width: int = 44, runs: int = 20, threads: int = 2) -> Dict[str, Dict[str, float]]:
+def measure(frames: int = 64, height: int = 64, width: int = 44, runs: int = 20,
+            threads: int = 2) -> Dict[str, Dict[str, float]]:
     from ..export.onnx_export import export_onnx
 
     torch.manual_seed(0)
@@ -64,12 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
 
 
-def main_args(args: argparse.Namespace) -> int:
-    res = run(args.frames, args.height, args.width, args.runs, args.threads)
+def run(args: argparse.Namespace) -> int:
+    res = measure(args.frames, args.height, args.width, args.runs, args.threads)
     base = res["fp32"]
     print(f"onnxruntime CPU, {args.threads} threads, {args.frames} frames of {args.height}x{args.width}")
     print("| model | file bytes | x FP32 size | ms / batch | x FP32 time |\n|---|---:|---:|---:|---:|")
     for k, v in res.items():
-        print(f"| {k} | {v['bytes']:,} | {v['bytes'] / base['bytes']:.2f} | {v['ms']:.1f} | {v['ms'] / base['ms']:.2f} |")
+        print(f"| {k} | {v['bytes']:,} | {v['bytes'] / base['bytes']:.2f} | {v['ms']:.1f} | "
+              f"{v['ms'] / base['ms']:.2f} |")
     print("(sub-8-bit grids are stored in 8-bit containers in ONNX; see `model_size_bytes` for packed sizes)")
     return 0

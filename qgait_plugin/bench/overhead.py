@@ -8,16 +8,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..export.runtime import time_calls
 from ..quant.convert import quantize_model, set_rounding
 
 
-def gait_conv_stack(widths=(16, 32, 64), parts: int = 16, embed: int = 64) -> nn.Module:
+def gait_conv_stack(widths: Sequence[int] = (16, 32, 64), parts: int = 16, embed: int = 64) -> nn.Module:
     """A GaitBase-like per-frame 2D conv stack with a per-part head, for timing only."""
     layers: List[nn.Module] = []
     cin = 1
@@ -34,19 +34,17 @@ def gait_conv_stack(widths=(16, 32, 64), parts: int = 16, embed: int = 64) -> nn
 def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int = 3) -> float:
     """Median seconds of forward + backward + SGD step."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         loss = model(x).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return statistics.median(time_calls(step, steps, warmup))
 
 
-def run(frames: int = 128, height: int = 32, width: int = 22, steps: int = 10, threads: Optional[int] = None,
+def measure(frames: int = 128, height: int = 32, width: int = 22, steps: int = 10, threads: Optional[int] = None,
         device: str = "cpu") -> Dict[str, float]:
     if threads:
         torch.set_num_threads(threads)
@@ -79,8 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def main_args(args: argparse.Namespace) -> int:
-    res = run(args.frames, args.height, args.width, args.steps, args.threads, args.device)
+def run(args: argparse.Namespace) -> int:
+    res = measure(args.frames, args.height, args.width, args.steps, args.threads, args.device)
     print(f"forward+backward+SGD, {args.frames} frames of {args.height}x{args.width}, "
           f"{torch.get_num_threads()} threads, device {args.device}")
     print(format_table(res))
@@ -90,4 +88,4 @@ def main_args(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     add_arguments(ap)
-    raise SystemExit(main_args(ap.parse_args()))
+    raise SystemExit(run(ap.parse_args()))

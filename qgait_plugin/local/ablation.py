@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..errors import ConfigError, InputNotFound
+
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "lsq": {"base": "w4a4_lsq", "quant": {}},
     "qgait": {"base": "w4a4_qgait", "quant": {}},
@@ -28,8 +30,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, progress: bool = True,
                  quick: bool = False) -> Dict[str, Any]:
     """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes."""
-    from .config import load_config
-    from .config import merge_dicts
+    from .config import load_config, merge_dicts
     from .demo import QUICK_FP, demo_config_dir
     from .trainer import Trainer
 
@@ -38,11 +39,11 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
     fp_dir = d / "output" / "SynthGait" / "GaitBaseLite" / "fp" / "checkpoints"
     fp_ckpts = sorted(fp_dir.glob("fp-*.pt")) if fp_dir.is_dir() else []
     if not part.is_file() or not fp_ckpts:
-        raise FileNotFoundError(f"{demo_dir}: needs a finished `qgait demo --out {demo_dir}` (data/partition.json and "
-                                f"the FP checkpoint under {fp_dir})")
+        raise InputNotFound(f"{demo_dir}: needs a finished `qgait demo --out {demo_dir}` (data/partition.json and "
+                            f"the FP checkpoint under {fp_dir})")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     results: Dict[str, Any] = {}
     for name in variants:
         spec = VARIANTS[name]
@@ -54,11 +55,12 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
         }
         if quick:
             over = merge_dicts(over, {"trainer_cfg": {"sampler": QUICK_FP["trainer_cfg"]["sampler"]},
-                                 "evaluator_cfg": QUICK_FP["evaluator_cfg"]})
+                                      "evaluator_cfg": QUICK_FP["evaluator_cfg"]})
         if iters:
             sched = {"ste_iters": iters} if spec["base"].endswith("lsq") else {"ste_iters": iters // 2,
                                                                              "soft_iters": iters - iters // 2}
-            over = merge_dicts(over, {"trainer_cfg": {"total_iter": iters, "save_iter": iters}, "quant": {"schedule": sched}})
+            over = merge_dicts(over, {"trainer_cfg": {"total_iter": iters, "save_iter": iters},
+                                      "quant": {"schedule": sched}})
         cfg = load_config(str(demo_config_dir() / f"{spec['base']}.yaml"), overrides=over)
         tr = Trainer(cfg, progress=progress)
         out = tr.train()
@@ -73,8 +75,8 @@ def format_table(bits: int, results: Dict[str, Any]) -> str:
     lines = [f"| W{bits}A{bits} variant | NM | BG | CL | mean | mAP | iterations |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         k = r["rank1"]
-        lines.append(f"| {name} | {k.get('NM', 0):.1f} | {k.get('BG', 0):.1f} | {k.get('CL', 0):.1f} | {k['mean']:.1f} | "
-                     f"{r['mAP']:.1f} | {r['iterations']} |")
+        lines.append(f"| {name} | {k.get('NM', 0):.1f} | {k.get('BG', 0):.1f} | {k.get('CL', 0):.1f} | "
+                     f"{k['mean']:.1f} | {r['mAP']:.1f} | {r['iterations']} |")
     return "\n".join(lines)
 
 
@@ -87,16 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def run_args(args: argparse.Namespace) -> int:
-    import sys
-
-    from ..config import ConfigError
-
-    try:
-        res = run_ablation(args.demo_dir, args.bits, [v for v in args.variants.split(",") if v], args.iters,
-                           progress=not args.no_progress, quick=args.quick)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"qgait ablate: {e}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    res = run_ablation(args.demo_dir, args.bits, [v for v in args.variants.split(",") if v], args.iters,
+                       progress=not args.no_progress, quick=args.quick)
     print(format_table(args.bits, res))
     return 0

@@ -129,24 +129,24 @@ def _check_section(user: Mapping[str, Any], name: str, src: str) -> None:
             raise ConfigError(f"{src}: {name}.{k}: unknown key; this host reads {sorted(DEFAULTS[name])} "
                               f"and ignores OpenGait's {list(IGNORED_KEYS[name])}")
         if k == "sampler" and isinstance(v, Mapping):
-            ok = set(DEFAULTS[name]["sampler"]) | set(IGNORED_SAMPLER_KEYS)
+            ok_sampler = set(DEFAULTS[name]["sampler"]) | set(IGNORED_SAMPLER_KEYS)
             for sk in v:
-                if sk not in ok:
-                    raise ConfigError(f"{src}: {name}.sampler.{sk}: unknown key; allowed: {sorted(ok)}")
+                if sk not in ok_sampler:
+                    raise ConfigError(f"{src}: {name}.sampler.{sk}: unknown key; allowed: {sorted(ok_sampler)}")
         if name == "model_cfg" and k in ("SeparateFCs", "SeparateBNNecks") and isinstance(v, Mapping):
-            ok = {"SeparateFCs": ("in_channels", "out_channels", "parts_num"),
-                  "SeparateBNNecks": ("class_num", "in_channels", "parts_num")}[k]
+            ok_head = {"SeparateFCs": ("in_channels", "out_channels", "parts_num"),
+                       "SeparateBNNecks": ("class_num", "in_channels", "parts_num")}[k]
             for sk in v:
-                if sk not in ok:
-                    raise ConfigError(f"{src}: model_cfg.{k}.{sk}: unknown key; allowed: {list(ok)}")
+                if sk not in ok_head:
+                    raise ConfigError(f"{src}: model_cfg.{k}.{sk}: unknown key; allowed: {list(ok_head)}")
 
 
 def _validate(cfg: Dict[str, Any], src: str) -> None:
     """Values: the handful of choices and shapes the host depends on."""
     m = cfg["model_cfg"]
     if m["model"] not in MODELS:
-        raise ConfigError(f"{src}: model_cfg.model: {m['model']!r} is not a built-in model; choose one of {list(MODELS)} "
-                          "(OpenGait's models run through the OpenGait host)")
+        raise ConfigError(f"{src}: model_cfg.model: {m['model']!r} is not a built-in model; "
+                          f"choose one of {list(MODELS)} (OpenGait's models run through the OpenGait host)")
     for key in ("channels", "layers", "strides"):
         v = m[key]
         if not isinstance(v, list) or not v or not all(isinstance(x, int) and x > 0 for x in v):
@@ -161,9 +161,11 @@ def _validate(cfg: Dict[str, Any], src: str) -> None:
     if bs[0] < 2:
         raise ConfigError(f"{src}: trainer_cfg.sampler.batch_size: P={bs[0]}; triplets need at least 2 identities")
     if s.get("sample_type", "fixed_unordered") != "fixed_unordered":
-        raise ConfigError(f"{src}: trainer_cfg.sampler.sample_type: {s['sample_type']!r}; this host supports fixed_unordered")
+        raise ConfigError(f"{src}: trainer_cfg.sampler.sample_type: {s['sample_type']!r}; "
+                          "this host supports fixed_unordered")
     if cfg["optimizer_cfg"]["solver"] not in SOLVERS:
-        raise ConfigError(f"{src}: optimizer_cfg.solver: {cfg['optimizer_cfg']['solver']!r}; choose one of {list(SOLVERS)}")
+        raise ConfigError(f"{src}: optimizer_cfg.solver: {cfg['optimizer_cfg']['solver']!r}; "
+                          f"choose one of {list(SOLVERS)}")
     if cfg["scheduler_cfg"]["scheduler"] not in SCHEDULERS:
         raise ConfigError(f"{src}: scheduler_cfg.scheduler: {cfg['scheduler_cfg']['scheduler']!r}; "
                           f"choose one of {list(SCHEDULERS)}")
@@ -173,7 +175,8 @@ def _validate(cfg: Dict[str, Any], src: str) -> None:
         raise ConfigError(f"{src}: evaluator_cfg.eval_func: {cfg['evaluator_cfg']['eval_func']!r}; the built-in host "
                           "implements the CASIA-B protocol only (evaluate_indoor_dataset)")
     if s.get("type", "TripletSampler") != "TripletSampler":
-        raise ConfigError(f"{src}: trainer_cfg.sampler.type: {s['type']!r}; this host trains with TripletSampler (P x K)")
+        raise ConfigError(f"{src}: trainer_cfg.sampler.type: {s['type']!r}; "
+                          "this host trains with TripletSampler (P x K)")
     res = cfg["data_cfg"]["resolution"]
     if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
         raise ConfigError(f"{src}: data_cfg.resolution: expected [height, width] after cutting, e.g. [64, 44] "

@@ -1,16 +1,15 @@
 """OpenGait-format silhouette data for the built-in host.
 
-Layout (OpenGait's): ``root/<id>/<type>/<view>/*.pkl``, each pickle a uint8 array ``[frames, 64, 64]``,
-plus a partition JSON ``{"TRAIN_SET": [...], "TEST_SET": [...]}``. The cutting transform drops
+Layout (OpenGait's, read through :mod:`qgait_plugin.layout`): ``root/<id>/<type>/<view>/*.pkl``, each
+pickle a uint8 array ``[frames, 64, 64]``, plus a partition JSON ``{"TRAIN_SET": [...], "TEST_SET":
+[...]}``. The cutting transform drops
 ``w // 64 * 10`` columns on each side (64 -> 44) and scales to [0, 1]. For CPU speed the host can
 also downsample once at load time (e.g. to 32 x 22): sequences are cut, resized and cached in memory
 as uint8, so training never touches the disk or resizes again.
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import random
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -19,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..layout import list_sequences, read_partition, read_sequence
 
 
 @dataclass
@@ -46,43 +46,16 @@ def cut_and_resize(frames: np.ndarray, resolution: Optional[Sequence[int]] = Non
     return x.contiguous()
 
 
-def read_partition(path: str) -> Dict[str, List[str]]:
-    """The partition JSON, checked for the two keys the host uses."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"data_cfg.dataset_partition: {path} not found")
-    with open(path) as f:
-        part = json.load(f)
-    for key in ("TRAIN_SET", "TEST_SET"):
-        if key not in part or not isinstance(part[key], list):
-            raise ConfigError(f"{path}: expected a list under {key!r}; keys found: {list(part)}")
-    return {k: [str(x) for x in v] for k, v in part.items()}
-
-
 def load_sequences(root: str, ids: Sequence[str], resolution: Optional[Sequence[int]] = None,
                    progress: bool = False) -> List[SilSequence]:
     """Every sequence of the given subject ids under ``root``, loaded into memory."""
     if not os.path.isdir(root):
         raise ConfigError(f"data_cfg.dataset_root: {root} is not a directory")
-    items = []
-    for sid in sorted(ids):
-        sdir = os.path.join(root, sid)
-        if not os.path.isdir(sdir):
-            continue
-        for typ in sorted(os.listdir(sdir)):
-            for view in sorted(os.listdir(os.path.join(sdir, typ))):
-                items.append((sid, typ, view, os.path.join(sdir, typ, view)))
-    it = items
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(items, desc="load data", leave=False, dynamic_ncols=True)
-    seqs = []
-    for sid, typ, view, d in it:
-        pkls = sorted(p for p in os.listdir(d) if p.endswith(".pkl"))
-        if not pkls:
-            continue
-        with open(os.path.join(d, pkls[0]), "rb") as f:
-            arr = pickle.load(f)
-        seqs.append(SilSequence(sid, typ, view, cut_and_resize(np.asarray(arr), resolution)))
+    from tqdm import tqdm
+
+    files = list_sequences(root, ids)
+    seqs = [SilSequence(f.sid, f.type, f.view, cut_and_resize(read_sequence(f.path), resolution))
+            for f in tqdm(files, desc="load data", leave=False, dynamic_ncols=True, disable=not progress)]
     if not seqs:
         raise ConfigError(f"data_cfg.dataset_root: no .pkl sequences found under {root} for {len(ids)} ids")
     return seqs
@@ -93,6 +66,8 @@ _CACHE: Dict[Tuple, List[SilSequence]] = {}
 
 def load_split(data_cfg: dict, split: str, progress: bool = True) -> List[SilSequence]:
     """TRAIN_SET or TEST_SET sequences of the configured data set, memoised when ``cache`` is on."""
+    if not os.path.isfile(data_cfg["dataset_partition"]):
+        raise ConfigError(f"data_cfg.dataset_partition: {data_cfg['dataset_partition']} not found")
     part = read_partition(data_cfg["dataset_partition"])
     res = tuple(data_cfg["resolution"])
     key = (os.path.abspath(data_cfg["dataset_root"]), os.path.abspath(data_cfg["dataset_partition"]), split, res)

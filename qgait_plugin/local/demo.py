@@ -9,12 +9,14 @@ then soft rounding + IDD) on the same iteration budget -> evaluate each -> write
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..errors import InputNotFound
 from .config import merge_dicts
 
 METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w4a4_lsq", "w4a4_qgait")
@@ -24,10 +26,11 @@ DATA_DEFAULT: Dict[str, Any] = dict(subjects=50, frames=20, views=(0, 36, 72, 10
 #: the --quick set: enough structure for every condition, tiny everywhere else
 DATA_QUICK: Dict[str, Any] = dict(subjects=8, frames=8, views=(0, 90), height=64, width=56)
 
-QUICK_FP = {"trainer_cfg": {"total_iter": 20, "save_iter": 20, "log_iter": 5,
-                            "sampler": {"batch_size": [4, 2], "frames_num_fixed": 6}},
-            "scheduler_cfg": {"milestones": []},
-            "evaluator_cfg": {"sampler": {"frames_all_limit": 8}}}
+QUICK_FP: Dict[str, Any] = {
+    "trainer_cfg": {"total_iter": 20, "save_iter": 20, "log_iter": 5,
+                    "sampler": {"batch_size": [4, 2], "frames_num_fixed": 6}},
+    "scheduler_cfg": {"milestones": []},
+    "evaluator_cfg": {"sampler": {"frames_all_limit": 8}}}
 QUICK_QAT_ITERS = 6
 
 
@@ -35,7 +38,7 @@ def demo_config_dir() -> Path:
     """``configs/demo`` of the source tree (next to the package)."""
     d = Path(__file__).resolve().parents[2] / "configs" / "demo"
     if not (d / "fp.yaml").is_file():
-        raise FileNotFoundError(f"demo configs not found at {d}; run from a checkout of qgait-plugin "
+        raise InputNotFound(f"demo configs not found at {d}; run from a checkout of qgait-plugin "
                                 "(or pass --configs DIR with fp.yaml, w8a8_lsq.yaml, ...)")
     return d
 
@@ -84,8 +87,8 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
 
             generate_dataset(data, seed=0, progress=progress, workers=1 if quick else 2,
                              **(DATA_QUICK if quick else DATA_DEFAULT))
-    paths = {"data_cfg": {"dataset_root": str(data), "dataset_partition": str(part)},
-             "trainer_cfg": {"output_root": str(out_p / "output")}}
+    paths: Dict[str, Dict[str, Any]] = {"data_cfg": {"dataset_root": str(data), "dataset_partition": str(part)},
+                                        "trainer_cfg": {"output_root": str(out_p / "output")}}
     if threads:
         paths["trainer_cfg"]["num_threads"] = threads
 
@@ -134,9 +137,23 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
         timings["total"] = time.perf_counter() - t_all
         md = write_tables(str(out_p), results, extra={
             "quick": quick, "step_seconds": {k: round(v, 1) for k, v in timings.items()},
-            "data": {k: list(v) if isinstance(v, tuple) else v for k, v in (DATA_QUICK if quick else DATA_DEFAULT).items()},
+            "data": {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in (DATA_QUICK if quick else DATA_DEFAULT).items()},
             "torch_threads": torch.get_num_threads()})
     print("\n" + md + "\n")
     print(f"[demo] wrote {out_p}/results.md, results.json, accuracy.png, distances.png, training_curves.png "
           f"in {timings['total']:.0f} s")
     return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
+    p.add_argument("--quick", action="store_true", help="tiny data and iteration counts (about 3 minutes at most)")
+    p.add_argument("--configs", default=None, help="folder with fp.yaml, w8a8_lsq.yaml, ... (default configs/demo)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: the configs' num_threads)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.out, quick=args.quick, configs=args.configs, progress=not args.no_progress, threads=args.threads)
+    return 0

@@ -1,25 +1,24 @@
 """The CASIA-B evaluation protocol, and embedding extraction for it.
 
-Protocol (DESIGN.md section 4): gallery = ``nm-01..04``; probe conditions NM = ``nm-05/06``,
-BG = ``bg-01/02``, CL = ``cl-01/02``. For every (probe view, gallery view) pair with *different*
-views, rank-1 is the fraction of probe sequences whose nearest gallery sequence of that gallery view
-has the probe's id. The pairs are averaged per probe view, then over probe views (OpenGait's
-"excluding identical-view cases"); the three conditions' rank-1 values are averaged into ``mean``.
+Protocol (CASIA-B's, as OpenGait evaluates it; the type names are :mod:`qgait_plugin.layout`'s):
+gallery = ``nm-01..04``; probe conditions NM = ``nm-05/06``, BG = ``bg-01/02``, CL = ``cl-01/02``.
+For every (probe view, gallery view) pair with *different* views, rank-1 is the fraction of probe
+sequences whose nearest gallery sequence of that gallery view has the probe's id. The pairs are
+averaged per probe view, then over probe views (OpenGait's "excluding identical-view cases"); the
+three conditions' rank-1 values are averaged into ``mean``.
 Distance is OpenGait's ``euc``: the Euclidean distance per part, averaged over parts (``cos``: one
 minus the cosine similarity per part, averaged). mAP uses the same pairs: the average precision of
 each probe's ranking of the gallery view's sequences, averaged like rank-1.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-GALLERY_TYPES = ("nm-01", "nm-02", "nm-03", "nm-04")
-PROBE_TYPES = {"NM": ("nm-05", "nm-06"), "BG": ("bg-01", "bg-02"), "CL": ("cl-01", "cl-02")}
-CONDITIONS = tuple(PROBE_TYPES)
+from ..layout import GALLERY_TYPES, PROBE_TYPES, DataError
 
 
 def distance(x: torch.Tensor, y: torch.Tensor, metric: str = "euc") -> torch.Tensor:
@@ -61,7 +60,8 @@ def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str]
             pmask = probe_type & (views_a == pv)
             if not pmask.any():
                 continue
-            accs, aps = [], []
+            accs: List[float] = []
+            aps: List[float] = []
             for gv in view_list:
                 if gv == pv:
                     continue
@@ -71,8 +71,8 @@ def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str]
                 d = dist[np.ix_(pmask, gmask)]
                 order = np.argsort(d, axis=1, kind="stable")
                 match = ids_a[gmask][order] == ids_a[pmask][:, None]
-                accs.append(match[:, 0].mean())
-                aps.append(np.nanmean([_average_precision(m) for m in match]) if match.any() else 0.0)
+                accs.append(float(match[:, 0].mean()))
+                aps.append(float(np.nanmean([_average_precision(m) for m in match])) if match.any() else 0.0)
             if accs:
                 view_acc[pv] = float(np.mean(accs) * 100)
                 view_ap.append(float(np.mean(aps) * 100))
@@ -81,12 +81,19 @@ def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str]
             rank1[cond] = float(np.mean(list(view_acc.values())))
             maps[cond] = float(np.mean(view_ap))
     if not rank1:
-        raise ValueError("casia_b_protocol: no probe/gallery pairs found; types must include "
+        raise DataError("casia_b_protocol: no probe/gallery pairs found; types must include "
                          f"{GALLERY_TYPES} and probes {PROBE_TYPES}, got {sorted(set(types))}")
-    present = [rank1[c] for c in CONDITIONS if c in rank1]
+    present = [rank1[c] for c in PROBE_TYPES if c in rank1]
     rank1["mean"] = float(np.mean(present))
     return {"rank1": rank1, "rank1_per_view": per_view, "mAP": float(np.mean(list(maps.values()))),
             "mAP_per_condition": maps}
+
+
+def format_rank1(res: Dict[str, Any]) -> str:
+    """One line of :func:`casia_b_protocol`'s result: rank-1 per condition, their mean, mAP."""
+    r = res["rank1"]
+    return (f"rank-1 NM {r.get('NM', float('nan')):.2f}  BG {r.get('BG', float('nan')):.2f}  "
+            f"CL {r.get('CL', float('nan')):.2f}  mean {r['mean']:.2f}  mAP {res['mAP']:.2f}")
 
 
 @torch.no_grad()

@@ -7,14 +7,13 @@ onnxruntime reproduces the PyTorch embeddings on a test sequence, and prints siz
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import time
 from typing import Any, Dict
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 class EmbeddingHead(nn.Module):
@@ -31,16 +30,15 @@ class EmbeddingHead(nn.Module):
 def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int = 10, progress: bool = False,
                       source: str = "config") -> Dict[str, Any]:
     """Export the checkpoint ``cfg``'s ``evaluator_cfg.restore_hint`` picks (a loaded config dict)."""
-    import onnxruntime as ort
-
     from ..export.onnx_export import export_onnx
     from ..export.packed import save_packed
+    from ..export.runtime import cpu_session, run_session, time_session
     from ..quant.size import model_size_bytes
     from .data import load_split
     from .trainer import Trainer
 
     if cfg.get("quant") is None:
-        raise ValueError(f"{source}: has no quant: section; export writes quantized models (train one with quant:)")
+        raise ConfigError(f"{source}: has no quant: section; export writes quantized models (train one with quant:)")
     tr = Trainer(cfg, progress=progress)
     e = cfg["evaluator_cfg"]
     tr.restore(e["restore_hint"], strict=True, save_name=e.get("save_name"))
@@ -51,16 +49,10 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
     ref = model(frames).detach()
     info = export_onnx(model, (frames,), out, input_names=("silhouettes",), output_names=("embeddings",),
                        dynamic_axes={"silhouettes": {0: "batch", 1: "frames"}, "embeddings": {0: "batch"}})
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(out, opts, providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"silhouettes": frames.numpy()})[0])
+    sess = cpu_session(out, torch.get_num_threads())
+    got = torch.from_numpy(run_session(sess, frames.numpy())[0])
     err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, {"silhouettes": frames.numpy()})
-        times.append(time.perf_counter() - t0)
+    times = time_session(sess, frames.numpy(), runs=runs, warmup=0)  # the run above was the warm-up
     res = {"onnx": out, "onnx_bytes": info["bytes"], "integer_weights": info["integer_weights"],
            "max_rel_diff_vs_torch": err, "ort_ms_per_sequence": 1000 * statistics.median(times),
            "frames": int(frames.shape[1]), "model_size_bytes": model_size_bytes(tr.model)}
@@ -71,22 +63,17 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfgs", required=True, help="the QAT config the checkpoint was trained with (evaluator_cfg.restore_hint picks it)")
+    p.add_argument("--cfgs", required=True,
+                   help="the QAT config the checkpoint was trained with (evaluator_cfg.restore_hint picks it)")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--packed", default="", help="also write a bit-packed checkpoint here")
     p.add_argument("--runs", type=int, default=10, help="onnxruntime timing runs")
 
 
-def run_args(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-
+def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
-    try:
-        res = export_checkpoint(load_config(args.cfgs), args.out, args.packed, args.runs, source=args.cfgs)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"qgait export: {e}", file=sys.stderr)
-        return 2
+    res = export_checkpoint(load_config(args.cfgs), args.out, args.packed, args.runs, source=args.cfgs)
     print(f"ONNX (integer weights: {res['integer_weights']} layers): {res['onnx']}  {res['onnx_bytes']:,} bytes")
     if "packed" in res:
         print(f"packed checkpoint: {res['packed']}  {res['packed_bytes']:,} bytes")

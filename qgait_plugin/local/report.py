@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Mapping, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -27,11 +27,11 @@ def markdown_table(results: Mapping[str, Mapping]) -> str:
     return "\n".join(rows)
 
 
-def write_tables(out_dir: str, results: Mapping[str, Mapping], extra: Mapping = ()) -> str:
+def write_tables(out_dir: str, results: Mapping[str, Mapping], extra: Optional[Mapping] = None) -> str:
     """``results.json`` (methods + any ``extra`` metadata) and ``results.md``; returns the Markdown."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"methods": results, **dict(extra)}, f, indent=2)
+        json.dump({"methods": results, **dict(extra or {})}, f, indent=2)
     md = markdown_table(results)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("# qgait demo results\n\nRank-1 (%) on the generated set, CASIA-B protocol (identical views "
@@ -98,8 +98,8 @@ def plot_training_curves(path: str, histories: Mapping[str, Sequence[Mapping]]) 
     plt = _plt()
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.5))
 
-    def smooth(v: List[float], k: int = 5) -> np.ndarray:
-        v = np.asarray(v, dtype=float)
+    def smooth(values: List[float], k: int = 5) -> np.ndarray:
+        v = np.asarray(values, dtype=float)
         if len(v) < k:
             return v
         return np.convolve(v, np.ones(k) / k, mode="valid")

@@ -16,7 +16,8 @@ from .registry import register
 def _namespace() -> SimpleNamespace:
     imp = importlib.import_module
     models = imp("modeling.models")
-    return SimpleNamespace(root=Path(models.__file__).resolve().parents[3], models=models, losses=imp("modeling.losses"),
+    root = Path(str(models.__file__)).resolve().parents[3]  # <root>/opengait/modeling/models/__init__.py
+    return SimpleNamespace(root=root, models=models, losses=imp("modeling.losses"),
                            base_model=imp("modeling.base_model"), modules=imp("modeling.modules"),
                            losses_base=imp("modeling.losses.base"))
 

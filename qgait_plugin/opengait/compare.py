@@ -7,16 +7,19 @@ from OpenGait's own evaluator output (CASIA-B/OUMVLP ``NM@R1: 97.60%`` summary l
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from ..errors import QGaitError
+
 RESULTS_FORMAT = "qgait-results/1"
 
 
-class CompareError(ValueError):
+class CompareError(QGaitError, ValueError):
     """A result file that cannot be read or compared."""
 
 
@@ -62,7 +65,8 @@ def load_result(path: str, fp: bool = False) -> RunResult:
         except json.JSONDecodeError as e:
             raise CompareError(f"{path}: not valid JSON ({e})") from None
         if d.get("format") != RESULTS_FORMAT or not isinstance(d.get("metrics"), dict):
-            raise CompareError(f"{path}: format {d.get('format')!r}; expected {RESULTS_FORMAT!r} with a 'metrics' mapping")
+            raise CompareError(f"{path}: format {d.get('format')!r}; "
+                               f"expected {RESULTS_FORMAT!r} with a 'metrics' mapping")
         return RunResult(p.stem if p.stem != "qgait_results" else d.get("save_name", p.stem), dict(d["metrics"]),
                          d.get("model", "?"), d.get("dataset", "?"), d.get("size_bytes"), d.get("bits"), fp)
     metrics = parse_log(text)
@@ -98,7 +102,9 @@ def compare_table(fp: RunResult, quant: Sequence[RunResult]) -> str:
     head = ["run", "model", "dataset", "bits", "size", "size vs FP"] + [c.replace("@R1", " R1") for c in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
     for r in runs:
-        ratio = f"{fp.size_bytes / r.size_bytes:.1f}x smaller" if r is not fp and fp.size_bytes and r.size_bytes else "-"
+        ratio = "-"
+        if r is not fp and fp.size_bytes and r.size_bytes:
+            ratio = f"{fp.size_bytes / r.size_bytes:.1f}x smaller"
         cells = [r.name + (" (FP)" if r is fp else ""), r.model, r.dataset, r.bits_label, _size(r.size_bytes), ratio]
         for c in cols:
             v = r.metrics.get(c)
@@ -119,3 +125,13 @@ def compare_files(fp_path: str, quant_paths: Sequence[str]) -> str:
     if mismatched:
         raise CompareError(f"{mismatched} were evaluated on another data set than the FP run ({fp.dataset})")
     return compare_table(fp, quant)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fp_result", help="FP run: qgait results JSON or OpenGait log file")
+    p.add_argument("quant_results", nargs="+", help="quantized runs: results JSONs or OpenGait log files")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(compare_files(args.fp_result, args.quant_results))
+    return 0

@@ -14,10 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
+from ..errors import QGaitError
+
 ENV_VAR = "OPENGAIT_ROOT"
 
 
-class OpenGaitNotFound(RuntimeError):
+class OpenGaitNotFound(QGaitError):
     """No usable OpenGait checkout at the given root (or none given)."""
 
 
@@ -45,7 +47,7 @@ def import_opengait(root: Optional[str] = None) -> SimpleNamespace:
         # ``modeling`` has no __init__.py in OpenGait: a namespace package, located by __path__
         places = [Path(p).resolve() for p in getattr(loaded, "__path__", [])]
         if not places and getattr(loaded, "__file__", None):
-            places = [Path(loaded.__file__).resolve().parent]
+            places = [Path(str(loaded.__file__)).resolve().parent]
         where = places[0] if places else "an unknown place"
         if not any(p.parent == path / "opengait" for p in places):
             raise OpenGaitNotFound(f"a package called 'modeling' is already imported from {where}; "

@@ -1,20 +1,18 @@
 """A tiny data set in OpenGait's format and a tiny GaitBase (``Baseline``) config, for smoke runs.
 
 Used by the integration tests and handy for checking an install on CPU in a minute:
-``root/<id>/<type>/<view>/<view>.pkl`` holding pickled uint8 arrays ``[frames, 64, 64]`` (random
+``root/data/<id>/<type>/<view>/<view>.pkl`` holding pickled uint8 arrays ``[frames, 64, 64]`` (random
 blobs per identity, so ids are weakly separable), with CASIA-B's type names so OpenGait's
-CASIA-B evaluator runs on it, and a partition JSON.
+CASIA-B evaluator runs on it, and ``root/partition.json`` (written by :mod:`qgait_plugin.layout`).
 """
 from __future__ import annotations
 
-import json
-import pickle
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-CASIA_B_TYPES = tuple(f"nm-{i:02d}" for i in range(1, 7)) + ("bg-01", "bg-02", "cl-01", "cl-02")
+from ..layout import CASIA_B_TYPES, PARTITION_NAME, subject_id, write_partition, write_sequence
 
 
 def write_tiny_dataset(root: Path, n_ids: int = 6, n_train: int = 4, views: Sequence[str] = ("000", "090"),
@@ -22,7 +20,7 @@ def write_tiny_dataset(root: Path, n_ids: int = 6, n_train: int = 4, views: Sequ
     """Write the data set under ``root/data`` and ``root/partition.json``; returns the partition path."""
     rng = np.random.default_rng(seed)
     data = Path(root) / "data"
-    ids = [f"{i:03d}" for i in range(1, n_ids + 1)]
+    ids = [subject_id(i) for i in range(1, n_ids + 1)]
     yy, xx = np.mgrid[0:64, 0:64]
     for pid in ids:
         cy, cx, ry, rx = rng.uniform(24, 40), rng.uniform(26, 38), rng.uniform(10, 24), rng.uniform(4, 10)
@@ -32,13 +30,8 @@ def write_tiny_dataset(root: Path, n_ids: int = 6, n_train: int = 4, views: Sequ
                 for f in range(frames):
                     jy, jx = rng.normal(0, 1.5, 2)
                     seq[f][((yy - cy - jy) / ry) ** 2 + ((xx - cx - jx) / rx) ** 2 <= 1.0] = 255
-                d = data / pid / typ / view
-                d.mkdir(parents=True, exist_ok=True)
-                with open(d / f"{view}.pkl", "wb") as fh:
-                    pickle.dump(seq, fh)
-    part = Path(root) / "partition.json"
-    part.write_text(json.dumps({"TRAIN_SET": ids[:n_train], "TEST_SET": ids[n_train:]}))
-    return part
+                write_sequence(data, pid, typ, view, seq)
+    return write_partition(Path(root) / PARTITION_NAME, ids[:n_train], ids[n_train:])
 
 
 def tiny_baseline_config(root: Path, partition: Path, save_name: str, quant: Optional[Dict[str, Any]] = None,

@@ -22,10 +22,11 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..errors import QGaitError
 from .env import import_opengait
 
 
-class LaunchError(RuntimeError):
+class LaunchError(QGaitError):
     """The run cannot start as configured; the message names the key and the fix."""
 
 

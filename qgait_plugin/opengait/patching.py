@@ -7,18 +7,21 @@ never a diff with OpenGait context. ``apply`` is idempotent (the line is recogni
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List
 
+from ..errors import QGaitError
+
 #: the project's top-level ``patches/`` (the README's install is editable, so it sits beside the package)
 PATCH_DIR = Path(__file__).resolve().parents[2] / "patches"
 _IMPORT = re.compile(r"^(import|from)\s+\S")
 
 
-class PatchError(RuntimeError):
+class PatchError(QGaitError):
     """A patch cannot be applied or reverted on this checkout."""
 
 
@@ -30,7 +33,7 @@ class Patch:
     insert: str
 
     @classmethod
-    def load(cls, path: Path) -> "Patch":
+    def load(cls, path: Path) -> Patch:
         d = json.loads(path.read_text())
         for key in ("file", "anchor", "insert"):
             if not isinstance(d.get(key), str) or not d[key]:
@@ -77,7 +80,7 @@ def _target(root: Path, p: Patch) -> Path:
 
 def is_applied(root: Path, p: Patch) -> bool:
     lines = _target(root, p).read_bytes().decode("utf-8").splitlines(keepends=True)
-    return any(l.rstrip("\r\n") == p.insert for l in lines)
+    return any(line.rstrip("\r\n") == p.insert for line in lines)
 
 
 def apply(root: Path) -> List[str]:
@@ -86,7 +89,7 @@ def apply(root: Path) -> List[str]:
         path = _target(root, p)
         text = path.read_bytes().decode("utf-8")
         lines = text.splitlines(keepends=True)
-        if any(l.rstrip("\r\n") == p.insert for l in lines):
+        if any(line.rstrip("\r\n") == p.insert for line in lines):
             out.append(f"{p.name}: already applied to {path}")
             continue
         i = _anchor_index(lines, path)
@@ -105,7 +108,7 @@ def revert(root: Path) -> List[str]:
     for p in load_patches():
         path = _target(root, p)
         lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
-        keep = [l for l in lines if l.rstrip("\r\n") != p.insert]
+        keep = [line for line in lines if line.rstrip("\r\n") != p.insert]
         if len(keep) == len(lines):
             out.append(f"{p.name}: not applied to {path}")
             continue
@@ -117,3 +120,19 @@ def revert(root: Path) -> List[str]:
 def status(root: Path) -> List[str]:
     return [f"{p.name}: {'applied' if is_applied(root, p) else 'not applied'} ({_target(root, p)})"
             for p in load_patches()]
+
+
+ACTIONS = {"apply": apply, "revert": revert, "status": status}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=list(ACTIONS))
+    p.add_argument("--root", default=None, help="OpenGait checkout (default: $OPENGAIT_ROOT)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .env import find_root
+
+    for line in ACTIONS[args.action](find_root(args.root)):
+        print(line)
+    return 0

@@ -20,10 +20,12 @@ the value needed instead of deep inside PyTorch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .dotted import get_dotted, set_dotted
 
 
 def _is_cuda(dev: Any) -> bool:
@@ -47,35 +49,18 @@ class CpuProblem:
         return f"{self.key}: is {self.value!r}, needs {self.needed!r} on CPU ({self.why})"
 
 
-def _get(cfgs: Dict[str, Any], key: str) -> Any:
-    cur: Any = cfgs
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def _set(cfgs: Dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    cur = cfgs
-    for part in parts[:-1]:
-        cur = cur.setdefault(part, {})
-    cur[parts[-1]] = value
-
-
 def cpu_config_problems(cfgs: Dict[str, Any], world_size: int, training: bool) -> List[CpuProblem]:
     """Config keys that must change for a CPU/gloo run with ``world_size`` processes."""
     probs = []
-    if training and _get(cfgs, "trainer_cfg.sync_BN"):
-        probs.append(CpuProblem("trainer_cfg.sync_BN", _get(cfgs, "trainer_cfg.sync_BN"), False,
+    if training and get_dotted(cfgs, "trainer_cfg.sync_BN"):
+        probs.append(CpuProblem("trainer_cfg.sync_BN", get_dotted(cfgs, "trainer_cfg.sync_BN"), False,
                                 "SyncBatchNorm runs on CUDA only"))
     for sec in (("trainer_cfg",) if training else ()) + ("evaluator_cfg",):
-        if _get(cfgs, f"{sec}.enable_float16"):
+        if get_dotted(cfgs, f"{sec}.enable_float16"):
             probs.append(CpuProblem(f"{sec}.enable_float16", True, False,
                                     "OpenGait's float16 path uses torch.cuda.amp (GradScaler/autocast for CUDA)"))
-    bs = _get(cfgs, "evaluator_cfg.sampler.batch_size")
-    with_test = bool(_get(cfgs, "trainer_cfg.with_test")) if training else True
+    bs = get_dotted(cfgs, "evaluator_cfg.sampler.batch_size")
+    with_test = bool(get_dotted(cfgs, "trainer_cfg.with_test")) if training else True
     if with_test and bs != world_size:
         probs.append(CpuProblem("evaluator_cfg.sampler.batch_size", bs, world_size,
                                 "OpenGait's test needs batch size == number of processes"))
@@ -85,7 +70,7 @@ def cpu_config_problems(cfgs: Dict[str, Any], world_size: int, training: bool) -
 def apply_cpu_overrides(cfgs: Dict[str, Any], problems: List[CpuProblem]) -> None:
     """Set every problem's key to its needed value (``--cpu-overrides``)."""
     for p in problems:
-        _set(cfgs, p.key, p.needed)
+        set_dotted(cfgs, p.key, p.needed)
 
 
 class CpuRuntime:
@@ -98,7 +83,7 @@ class CpuRuntime:
         self._saved.append((owner, name, getattr(owner, name)))
         setattr(owner, name, value)
 
-    def install(self, og: Any, extra_namespaces: Tuple[Any, ...] = ()) -> "CpuRuntime":
+    def install(self, og: Any, extra_namespaces: Tuple[Any, ...] = ()) -> CpuRuntime:
         """Redirect ``og`` (from :func:`~qgait_plugin.opengait.env.import_opengait`) to CPU."""
         orig_module_to: Callable = nn.Module.to
         orig_load: Callable = torch.load
@@ -147,13 +132,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_process_group(device: str, env: Optional[Dict[str, str]] = None) -> None:
+def init_process_group(device: str, env: Optional[MutableMapping[str, str]] = None) -> None:
     """``env://`` process group: gloo on CPU, NCCL on CUDA; single-process defaults when not under torchrun."""
     import os
 
     import torch.distributed as dist
 
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("WORLD_SIZE", "1")

@@ -13,6 +13,8 @@ import torch
 import yaml
 from torch import nn
 
+from .dotted import set_dotted
+
 #: name -> (config under <root>/configs, model_cfg overrides (dotted keys), input frames, height, width)
 ZOO: Dict[str, Tuple[str, Dict[str, Any], int, int, int]] = {
     "GaitBase": ("gaitbase/gaitbase_da_casiab.yaml", {}, 4, 64, 44),
@@ -36,20 +38,13 @@ SMALL: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _set_dotted(d: Dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        d = d[p]
-    d[parts[-1]] = value
-
-
 def build_bare(og: Any, config: str, overrides: Optional[Dict[str, Any]] = None) -> nn.Module:
     """The model of ``<root>/configs/<config>`` with its network built and initialised, nothing else."""
     with open(og.root / "configs" / config) as f:
         cfgs = yaml.safe_load(f)
     mc = copy.deepcopy(cfgs["model_cfg"])
     for k, v in (overrides or {}).items():
-        _set_dotted(mc, k, v)
+        set_dotted(mc, k, v)
     cls = getattr(og.models, mc["model"])
     cls = getattr(cls, "_qgait_original", cls)
     model = cls.__new__(cls)
@@ -98,7 +93,7 @@ def check_model(og: Any, name: str, bits: int = 4, small: bool = False) -> Dict[
     model.train()
     inputs = example_inputs(2 if small else 4, frames, h, w)
     outs = _outputs(model(inputs))
-    sum(o.float().pow(2).mean() for o in outs).backward()
+    torch.stack([o.float().pow(2).mean() for o in outs]).sum().backward()
     steps = [q.step for _, q in iter_quantizers(model) if q.enabled]
     with_grad = sum(1 for s in steps if s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0)
     report = coverage_report(model, (inputs,))
@@ -120,8 +115,8 @@ def main() -> None:  # pragma: no cover - prints the README table
     print("|---|---:|---:|---:|")
     for name in ZOO:
         r = check_model(og, name)
-        print(f"| {name} | {r['quantizers']} | {r['total_macs'] / 4:,.0f} | {100 * r['quantized_mac_fraction']:.1f} % |",
-              flush=True)
+        print(f"| {name} | {r['quantizers']} | {r['total_macs'] / 4:,.0f} | "
+              f"{100 * r['quantized_mac_fraction']:.1f} % |", flush=True)
 
 
 if __name__ == "__main__":

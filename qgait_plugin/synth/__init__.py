@@ -1,11 +1,10 @@
 """Generated gait silhouettes in OpenGait's on-disk format (the ``qgait synth`` command).
 
-A host for the rest of the project: nothing in the core imports it.
+A host for the rest of the project: nothing in the core imports it. The layout it writes (and the
+CASIA-B type and view names) is :mod:`qgait_plugin.layout`'s.
 """
-from .generate import QUICK, TYPES, VIEWS, SynthConfig, generate_dataset, render_sequence
+from .generate import QUICK, SynthConfig, generate_dataset, render_sequence
 from .pretreat import pretreat
 from .render import NoiseConfig
-from .writer import PARTITION_NAME, load_sequence
 
-__all__ = ["generate_dataset", "render_sequence", "SynthConfig", "NoiseConfig", "QUICK", "TYPES",
-           "VIEWS", "PARTITION_NAME", "pretreat", "load_sequence"]
+__all__ = ["generate_dataset", "render_sequence", "SynthConfig", "NoiseConfig", "QUICK", "pretreat"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ _FLOORS = {"arm_amp": 2.0, "r_arm": 0.018, "r_shin": 0.022, "r_thigh": 0.03, "r_
 
 def sample_subject(rng: np.random.Generator, spread: float = 1.0) -> Subject:
     """Draw one person. ``spread`` scales between-subject variation (smaller = harder to tell apart)."""
-    vals = {}
+    vals: Dict[str, Any] = {}
     for name, (mean, sd) in SUBJECT_DIST.items():
         v = mean + spread * sd * float(np.clip(rng.standard_normal(), -2.5, 2.5))
         v = max(v, _FLOORS.get(name, -math.inf))

@@ -1,27 +1,27 @@
-"""``qgait synth``: write a generated CASIA-B-shaped silhouette set in OpenGait's format."""
+"""``qgait synth``: write a generated CASIA-B-shaped silhouette set in OpenGait's format.
+
+Renders articulated walkers from 11 views (nm/bg/cl types) to DIR/<id>/<type>/<view>/<view>.pkl
+(uint8 [frames, 64, 64]) plus DIR/partition.json. Same seed, same bytes.
+"""
 from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Dict, List
 
 
-def _int_list(text: str) -> list:
+def _int_list(text: str) -> List[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
-def _str_list(text: str) -> list:
+def _str_list(text: str) -> List[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def add_commands(subparsers) -> None:
-    """Add the ``synth`` subcommand to the ``qgait`` parser."""
-    p = subparsers.add_parser(
-        "synth", help="generate gait silhouettes in OpenGait's format (CASIA-B structure)",
-        description="Render articulated walkers from 11 views (nm/bg/cl types) to DIR/<id>/<type>/<view>/"
-                    "<view>.pkl (uint8 [frames, 64, 64]) plus DIR/partition.json. Same seed, same bytes.")
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (the data set root)")
     p.add_argument("--subjects", type=int, default=None, help="number of subjects (default 50; --quick: 8)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -41,27 +41,22 @@ def add_commands(subparsers) -> None:
     p.add_argument("--view-jitter", type=float, default=None, help="view angle jitter in degrees (default 3)")
     p.add_argument("--probe", action="store_true",
                    help="afterwards, print the rank-1 of a small GEI network (a rough difficulty check)")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the set; prints where the partition file went."""
     from .generate import QUICK, SynthConfig, generate_dataset
 
-    base = dict(QUICK) if args.quick else {}
-    kw = dict(subjects=args.subjects or base.get("subjects", SynthConfig.subjects),
-              frames=args.frames or base.get("frames", SynthConfig.frames),
-              views=args.views or base.get("views"), types=args.types or base.get("types"))
+    base: Dict[str, Any] = dict(QUICK) if args.quick else {}
+    kw: Dict[str, Any] = dict(subjects=args.subjects or base.get("subjects", SynthConfig.subjects),
+                              frames=args.frames or base.get("frames", SynthConfig.frames),
+                              views=args.views or base.get("views"), types=args.types or base.get("types"))
     for name in ("noise", "spread", "style_jitter", "speed_jitter", "view_jitter"):
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
     t0 = time.time()
-    try:
-        partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, **kw)
-    except ValueError as e:
-        print(f"qgait synth: {e}")
-        return 2
+    partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, **kw)
     print(f"wrote {args.out} ({kw['subjects']} subjects) in {time.time() - t0:.1f} s; partition: {partition}")
     if args.probe:
         from .difficulty import probe

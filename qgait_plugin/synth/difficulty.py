@@ -10,34 +10,27 @@ rank-1 per (probe view, gallery view) pair excluding identical views, averaged.
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-PROBES = {"NM": ("nm-05", "nm-06"), "BG": ("bg-01", "bg-02"), "CL": ("cl-01", "cl-02")}
-GALLERY = ("nm-01", "nm-02", "nm-03", "nm-04")
+from ..layout import GALLERY_TYPES, PARTITION_NAME, PROBE_TYPES, list_sequences, read_partition, read_sequence
 
 
 def load_geis(root: os.PathLike, ids: List[str], size: Tuple[int, int] = (32, 22)
               ) -> Tuple[torch.Tensor, List[Tuple[str, str, str]]]:
     """GEIs ``[N, 1, *size]`` of every sequence of ``ids`` (44-column cut, as OpenGait's transform)."""
     geis, info = [], []
-    for sid in ids:
-        for typ in sorted(os.listdir(Path(root) / sid)):
-            for view in sorted(os.listdir(Path(root) / sid / typ)):
-                for f in sorted(os.listdir(Path(root) / sid / typ / view)):
-                    with open(Path(root) / sid / typ / view / f, "rb") as fh:
-                        arr = pickle.load(fh)
-                    x = torch.from_numpy(arr[:, :, 10:54].astype(np.float32) / 255.0).mean(0)
-                    geis.append(nn.functional.interpolate(x[None, None], size=size, mode="area")[0])
-                    info.append((sid, typ, view))
+    for seq in list_sequences(root, ids):
+        arr = read_sequence(seq.path)
+        x = torch.from_numpy(arr[:, :, 10:54].astype(np.float32) / 255.0).mean(0)
+        geis.append(nn.functional.interpolate(x[None, None], size=size, mode="area")[0])
+        info.append((seq.sid, seq.type, seq.view))
     return torch.stack(geis), info
 
 
@@ -56,14 +49,14 @@ def rank1(emb: torch.Tensor, info: List[Tuple[str, str, str]]) -> Dict[str, floa
     views = np.array([i[2] for i in info])
     d = torch.cdist(emb, emb).numpy()
     out = {}
-    for cond, probe_types in PROBES.items():
+    for cond, probe_types in PROBE_TYPES.items():
         accs = []
         for pv in sorted(set(views)):
             for gv in sorted(set(views)):
                 if pv == gv:
                     continue
                 p = np.isin(types, probe_types) & (views == pv)
-                g = np.isin(types, GALLERY) & (views == gv)
+                g = np.isin(types, GALLERY_TYPES) & (views == gv)
                 if p.sum() == 0 or g.sum() == 0:
                     continue
                 nearest = np.argmin(d[np.ix_(p, g)], 1)
@@ -72,11 +65,10 @@ def rank1(emb: torch.Tensor, info: List[Tuple[str, str, str]]) -> Dict[str, floa
     return out
 
 
-def probe(root: os.PathLike, partition: os.PathLike = None, epochs: int = 30, seed: int = 0,
+def probe(root: os.PathLike, partition: Optional[os.PathLike] = None, epochs: int = 30, seed: int = 0,
           progress: bool = True) -> Dict[str, float]:
     """Train the GEI network on ``TRAIN_SET`` and return rank-1 (%) for NM, BG, CL and their mean."""
-    root = Path(root)
-    part = json.loads(Path(partition or root / "partition.json").read_text())
+    part = read_partition(partition or Path(root) / PARTITION_NAME)
     torch.manual_seed(seed)
     xtr, itr = load_geis(root, part["TRAIN_SET"])
     xte, ite = load_geis(root, part["TEST_SET"])
@@ -101,5 +93,5 @@ def probe(root: os.PathLike, partition: os.PathLike = None, epochs: int = 30, se
     with torch.no_grad():
         emb = nn.functional.normalize(body(xte), dim=1)
     res = rank1(emb, ite)
-    res["mean"] = float(np.mean([res[c] for c in PROBES]))
+    res["mean"] = float(np.mean([res[c] for c in PROBE_TYPES]))
     return res

@@ -12,22 +12,28 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import ConfigError
+from ..layout import (
+    CASIA_B_TYPES,
+    CASIA_B_VIEWS,
+    PARTITION_NAME,
+    subject_id,
+    view_name,
+    write_partition,
+    write_sequence,
+)
 from .body import Sequence as WalkSequence
 from .body import sample_subject, walk_capsules, wobble_subject
 from .pretreat import pretreat_batch
 from .render import NoiseConfig, add_noise, project, rasterize
-from .writer import default_split, subject_id, view_name, write_partition, write_sequence
-
-TYPES: Tuple[str, ...] = tuple([f"nm-{i:02d}" for i in range(1, 7)] + ["bg-01", "bg-02", "cl-01", "cl-02"])
-VIEWS: Tuple[int, ...] = tuple(range(0, 181, 18))
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,8 @@ class SynthConfig:
     subjects: int = 50
     seed: int = 0
     frames: int = 30
-    views: Tuple[int, ...] = VIEWS
-    types: Tuple[str, ...] = TYPES
+    views: Tuple[int, ...] = CASIA_B_VIEWS
+    types: Tuple[str, ...] = CASIA_B_TYPES
     height: int = 96           # raw render height in pixels (the body is about 75 px tall)
     width: int = 84
     spread: float = 1.0
@@ -57,22 +63,22 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         if self.subjects < 2:
-            raise ValueError(f"SynthConfig.subjects: need at least 2 (train and test), got {self.subjects}")
+            raise ConfigError(f"SynthConfig.subjects: need at least 2 (train and test), got {self.subjects}")
         if self.frames < 1:
-            raise ValueError(f"SynthConfig.frames: need at least 1, got {self.frames}")
+            raise ConfigError(f"SynthConfig.frames: need at least 1, got {self.frames}")
         for t in self.types:
-            if t not in TYPES:
-                raise ValueError(f"SynthConfig.types: unknown type {t!r}; allowed: {list(TYPES)}")
+            if t not in CASIA_B_TYPES:
+                raise ConfigError(f"SynthConfig.types: unknown type {t!r}; allowed: {list(CASIA_B_TYPES)}")
         for v in self.views:
             if not 0 <= int(v) <= 180:
-                raise ValueError(f"SynthConfig.views: view {v!r} outside 0..180 degrees")
+                raise ConfigError(f"SynthConfig.views: view {v!r} outside 0..180 degrees")
         if self.height < 32 or self.width < 32:
-            raise ValueError(f"SynthConfig.height/width: need at least 32 px, got {self.height}x{self.width}")
+            raise ConfigError(f"SynthConfig.height/width: need at least 32 px, got {self.height}x{self.width}")
 
 
 #: A few-second preset for tests and smoke runs.
-QUICK = dict(subjects=8, frames=12, views=(0, 54, 90, 126), types=("nm-01", "nm-02", "nm-03", "nm-04", "nm-05",
-                                                                   "nm-06", "bg-01", "cl-01"))
+QUICK: Dict[str, Any] = dict(subjects=8, frames=12, views=(0, 54, 90, 126),
+                             types=("nm-01", "nm-02", "nm-03", "nm-04", "nm-05", "nm-06", "bg-01", "cl-01"))
 
 
 def _subject_rng(seed: int, subject: int) -> np.random.Generator:
@@ -80,7 +86,7 @@ def _subject_rng(seed: int, subject: int) -> np.random.Generator:
 
 
 def _sequence_seed(seed: int, subject: int, seq_type: str, view: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence([seed, 2, subject, TYPES.index(seq_type), int(view)])
+    return np.random.SeedSequence([seed, 2, subject, CASIA_B_TYPES.index(seq_type), int(view)])
 
 
 def _walk_view(cfg: SynthConfig, person, subject: int, seq_type: str, view: int):
@@ -137,6 +143,15 @@ def render_sequence(cfg: SynthConfig, subject: int, seq_type: str, view: int) ->
     return render_sequences(cfg, subject, seq_type, [view])[0]
 
 
+def default_split(n_subjects: int, train_fraction: float = 74 / 124) -> Tuple[List[str], List[str]]:
+    """CASIA-B's large-training (LT) split scaled: the first ~60 % of ids train, the rest test."""
+    if n_subjects < 2:
+        raise ConfigError(f"default_split: need at least 2 subjects (one to train, one to test), got {n_subjects}")
+    n_train = min(max(int(round(n_subjects * train_fraction)), 1), n_subjects - 1)
+    ids = [subject_id(i + 1) for i in range(n_subjects)]
+    return ids[:n_train], ids[n_train:]
+
+
 def _subject_job(args: Tuple[SynthConfig, str, int]) -> int:
     """Write every sequence of one subject; returns the number of sequences written."""
     cfg, out_dir, subject = args
@@ -157,7 +172,7 @@ def _init_worker() -> None:
 def generate_dataset(out_dir: os.PathLike, subjects: int = 50, seed: int = 0, frames: int = 30,
                      views: Optional[Iterable[int]] = None, types: Optional[Iterable[str]] = None,
                      workers: int = 1, progress: bool = True, train_fraction: float = 74 / 124,
-                     **knobs) -> Path:
+                     **knobs: Any) -> Path:
     """Generate the data set into ``out_dir`` and return the path of its partition JSON.
 
     ``knobs`` are further :class:`SynthConfig` fields (``spread``, ``style_jitter``, ``noise``,
@@ -172,8 +187,8 @@ def generate_dataset(out_dir: os.PathLike, subjects: int = 50, seed: int = 0, fr
     if noise is not None:
         knobs["noise"] = noise
     cfg = SynthConfig(subjects=subjects, seed=seed, frames=frames,
-                      views=tuple(int(v) for v in (views if views is not None else VIEWS)),
-                      types=tuple(types if types is not None else TYPES), **knobs)
+                      views=tuple(int(v) for v in (views if views is not None else CASIA_B_VIEWS)),
+                      types=tuple(types if types is not None else CASIA_B_TYPES), **knobs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, str(out), s) for s in range(1, cfg.subjects + 1)]
@@ -196,4 +211,4 @@ def generate_dataset(out_dir: os.PathLike, subjects: int = 50, seed: int = 0, fr
                 bar.update(1)
     bar.close()
     train, test = default_split(cfg.subjects, train_fraction)
-    return write_partition(out, train, test)
+    return write_partition(out / PARTITION_NAME, train, test)
