@@ -11,8 +11,14 @@ from .config import QuantConfig
 from .distill import IDDLoss
 from .errors import ConfigError, QGaitError
 from .param_groups import qat_param_groups
-from .quant.convert import (dequantize_model, iter_quantizers, quantize_model, quantizer_parameters, set_quant_enabled,
-                            set_rounding)
+from .quant.convert import (
+    dequantize_model,
+    iter_quantizers,
+    quantize_model,
+    quantizer_parameters,
+    set_quant_enabled,
+    set_rounding,
+)
 from .quant.coverage import CoverageReport, coverage_report
 from .quant.handlers import LayerHandler, ParamMatmulHandler, register_handler
 from .quant.quantizer import LSQQuantizer, fake_quantize, set_init_reducer

@@ -25,7 +25,8 @@ from .quant.convert import iter_quantizers
 
 
 class CheckpointError(QGaitError):
-    """A file that cannot be read as a checkpoint: missing, not a checkpoint, or holding objects that are not plain data."""
+    """A file that cannot be read as a checkpoint: missing, not a checkpoint, or holding objects that are not
+    plain data."""
 
 
 def _first_line_with(text: str, marker: str) -> Optional[str]:
@@ -35,7 +36,7 @@ def _first_line_with(text: str, marker: str) -> Optional[str]:
     return None
 
 
-def read_checkpoint(path: "str | os.PathLike[str]", source: Optional[str] = None) -> Dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike[str], source: Optional[str] = None) -> Dict[str, Any]:
     """The dict stored in the checkpoint at ``path``, loaded onto the CPU.
 
     ``source`` (e.g. ``"quant.init_from"``) starts the error message, so the user learns which
@@ -55,8 +56,9 @@ def read_checkpoint(path: "str | os.PathLike[str]", source: Optional[str] = None
     except pickle.UnpicklingError as e:
         unsafe = _first_line_with(str(e), "Unsupported global")
         if unsafe is not None:
-            raise CheckpointError(f"{where} holds objects that are not tensors or plain data ({unsafe}); refused, since "
-                                  "loading them could run code. Re-save the checkpoint with state dicts only") from None
+            raise CheckpointError(f"{where} holds objects that are not tensors or plain data ({unsafe}); refused, "
+                                  "since loading them could run code. Re-save the checkpoint with state dicts only"
+                                  ) from None
         raise CheckpointError(f"{where} is not a PyTorch checkpoint (unpickling failed)") from None
     except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
         raise CheckpointError(f"{where} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
@@ -73,7 +75,7 @@ def write_checkpoint(obj: Mapping[str, Any], path: str) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def unwrap_state_dict(obj: Mapping[str, Any], model_keys: "set[str]") -> Dict[str, Any]:
+def unwrap_state_dict(obj: Mapping[str, Any], model_keys: set[str]) -> Dict[str, Any]:
     """The model's state dict out of an OpenGait-style checkpoint (``{'model': ..., 'optimizer': ...}``)
     or a DDP-saved one (``module.`` prefixes); a plain state dict comes back as it is.
 

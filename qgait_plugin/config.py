@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, overload
 
 from .errors import ConfigError
 from .spec import FP_BITS, QuantizerSpec, check_alpha, check_bits, check_rounding
@@ -62,7 +62,12 @@ def _get(d: Mapping[str, Any], key: str, path: str, types: Tuple[type, ...], def
     return v
 
 
+@overload
+def _bits(d: Mapping[str, Any], key: str, path: str, default: int) -> int: ...
+@overload
+def _bits(d: Mapping[str, Any], key: str, path: str, default: None) -> Optional[int]: ...
 def _bits(d: Mapping[str, Any], key: str, path: str, default: Optional[int]) -> Optional[int]:
+    # with an int default a missing key gives the default and an explicit null is refused by _get
     v = _get(d, key, path, (int,), default)
     return v if v is None else check_bits(v, f"{path}.{key}")
 
@@ -95,9 +100,10 @@ class WeightQuantConfig:
     per_channel: bool = True
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = "quant.weight") -> "WeightQuantConfig":
+    def from_dict(cls, d: Any, path: str = "quant.weight") -> WeightQuantConfig:
         d = _check_keys(d, path, ("bits", "per_channel"))
-        return cls(bits=_bits(d, "bits", path, cls.bits), per_channel=_get(d, "per_channel", path, (bool,), cls.per_channel))
+        return cls(bits=_bits(d, "bits", path, cls.bits),
+                   per_channel=_get(d, "per_channel", path, (bool,), cls.per_channel))
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class ActQuantConfig:
     signed: Optional[bool] = None
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = "quant.act") -> "ActQuantConfig":
+    def from_dict(cls, d: Any, path: str = "quant.act") -> ActQuantConfig:
         d = _check_keys(d, path, ("bits", "signed"))
         signed = d.get("signed", "auto")
         if not isinstance(signed, (str, bool, type(None))) or signed not in _SIGNED:
@@ -126,15 +132,16 @@ class LayerOverride:
     enabled: Optional[bool] = None
 
     @classmethod
-    def from_dict(cls, d: Any, path: str) -> "LayerOverride":
+    def from_dict(cls, d: Any, path: str) -> LayerOverride:
         d = _check_keys(d, path, ("match", "weight_bits", "act_bits", "enabled"))
         if "match" not in d:
-            raise ConfigError(f"{path}.match: missing; every override needs a glob on module names, e.g. 'backbone.layer1.*'")
+            raise ConfigError(f"{path}.match: missing; every override needs a glob on module names, "
+                              "e.g. 'backbone.layer1.*'")
         match = _get(d, "match", path, (str,), None)
         if not match:
             raise ConfigError(f"{path}.match: must be a non-empty glob on module names")
-        ov = cls(match=match, weight_bits=_bits(d, "weight_bits", path, None), act_bits=_bits(d, "act_bits", path, None),
-                 enabled=_get(d, "enabled", path, (bool,), None))
+        ov = cls(match=match, weight_bits=_bits(d, "weight_bits", path, None),
+                 act_bits=_bits(d, "act_bits", path, None), enabled=_get(d, "enabled", path, (bool,), None))
         if ov.weight_bits is None and ov.act_bits is None and ov.enabled is None:
             raise ConfigError(f"{path}: override for {match!r} changes nothing; give weight_bits, act_bits or enabled")
         return ov
@@ -152,7 +159,7 @@ class SoftConfig:
     soft_forward: bool = False
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = "quant.schedule.soft") -> "SoftConfig":
+    def from_dict(cls, d: Any, path: str = "quant.schedule.soft") -> SoftConfig:
         d = _check_keys(d, path, ("alpha", "alpha_end", "soft_forward"))
         alpha = check_alpha(_get(d, "alpha", path, (float, int), cls.alpha), f"{path}.alpha")
         alpha_end = _get(d, "alpha_end", path, (float, int), None)
@@ -175,7 +182,7 @@ class ScheduleConfig:
     soft: SoftConfig = field(default_factory=SoftConfig)
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = "quant.schedule") -> "ScheduleConfig":
+    def from_dict(cls, d: Any, path: str = "quant.schedule") -> ScheduleConfig:
         d = _check_keys(d, path, ("ste_iters", "soft_iters", "lr_scale", "soft"))
         ste = _get(d, "ste_iters", path, (int,), 0)
         soft = _get(d, "soft_iters", path, (int,), 0)
@@ -185,7 +192,8 @@ class ScheduleConfig:
         _positive(lr_scale, f"{path}.lr_scale")
         if lr_scale > 1e3:
             raise ConfigError(f"{path}.lr_scale: {lr_scale!r} is out of range (0, 1000]")
-        return cls(ste_iters=ste, soft_iters=soft, lr_scale=lr_scale, soft=SoftConfig.from_dict(d.get("soft"), f"{path}.soft"))
+        return cls(ste_iters=ste, soft_iters=soft, lr_scale=lr_scale,
+                   soft=SoftConfig.from_dict(d.get("soft"), f"{path}.soft"))
 
     @property
     def total_iters(self) -> int:
@@ -202,7 +210,7 @@ class IDDConfig:
     params: str = "all"
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = "quant.idd") -> "IDDConfig":
+    def from_dict(cls, d: Any, path: str = "quant.idd") -> IDDConfig:
         present = d is not None
         d = _check_keys(d, path, ("enabled", "weight", "criterion", "params"))
         weight = _get(d, "weight", path, (float, int), 1.0)
@@ -236,14 +244,15 @@ class QuantConfig:
     idd: IDDConfig = field(default_factory=IDDConfig)
 
     @classmethod
-    def from_dict(cls, d: Any, path: str = "quant") -> "QuantConfig":
+    def from_dict(cls, d: Any, path: str = "quant") -> QuantConfig:
         """Build and validate from the YAML section (a dict). ``None`` or ``{}`` gives the defaults (W8A8)."""
         if isinstance(d, QuantConfig):
             return d
         d = _check_keys(d, path, QUANT_KEYS)
         raw_ov = d.get("overrides") or []
         if not isinstance(raw_ov, (list, tuple)):
-            raise ConfigError(f"{path}.overrides: expected a list of {{match: glob, ...}} mappings, got {type(raw_ov).__name__}")
+            raise ConfigError(f"{path}.overrides: expected a list of {{match: glob, ...}} mappings, "
+                              f"got {type(raw_ov).__name__}")
         overrides = tuple(LayerOverride.from_dict(o, f"{path}.overrides[{i}]") for i, o in enumerate(raw_ov))
         return cls(
             weight=WeightQuantConfig.from_dict(d.get("weight"), f"{path}.weight"),
@@ -273,7 +282,7 @@ class QuantConfig:
         """
         w_bits, a_bits = self.layer_bits(name, is_first, is_last)
         soft = self.schedule.soft
-        common = dict(rounding=self.rounding, alpha=soft.alpha, soft_forward=soft.soft_forward)
+        common: Dict[str, Any] = dict(rounding=self.rounding, alpha=soft.alpha, soft_forward=soft.soft_forward)
         return (QuantizerSpec("weight", w_bits, signed=True, per_channel=self.weight.per_channel, **common),
                 QuantizerSpec("act", a_bits, signed=self.act.signed, **common))
 

@@ -80,7 +80,7 @@ class IDDLoss(nn.Module):
         self.beta = float(beta)
 
     @classmethod
-    def from_config(cls, config: Any) -> "IDDLoss":
+    def from_config(cls, config: Any) -> IDDLoss:
         """From a :class:`~qgait_plugin.config.QuantConfig`, its ``idd`` part or the ``quant:`` dict."""
         if isinstance(config, IDDConfig):
             idd = config

@@ -69,7 +69,7 @@ class QGaitSchedule:
         self._state: Dict[str, Any] = {"iteration": None, "phase": None, "alpha": None, "lr_scaled": False}
 
     @classmethod
-    def from_config(cls, config: Any) -> "QGaitSchedule":
+    def from_config(cls, config: Any) -> QGaitSchedule:
         """From a :class:`QuantConfig`, a :class:`ScheduleConfig`, the ``quant:`` dict or its ``schedule:`` dict."""
         rounding = "ste"
         if isinstance(config, QuantConfig):

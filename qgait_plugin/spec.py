@@ -31,7 +31,8 @@ ALPHA_MAX = 100.0
 def check_bits(bits: Any, path: str = "bits") -> int:
     """``bits`` if it is a supported bit width, else a :class:`ConfigError` naming ``path`` and the value."""
     if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-        raise ConfigError(f"{path}: {bits!r} is not a supported bit width; allowed: 2..8, or {FP_BITS} for full precision")
+        raise ConfigError(f"{path}: {bits!r} is not a supported bit width; allowed: 2..8, "
+                          f"or {FP_BITS} for full precision")
     return int(bits)
 
 
@@ -85,11 +86,14 @@ class QuantizerSpec:
         check_rounding(self.rounding, "QuantizerSpec.rounding")
         object.__setattr__(self, "alpha", check_alpha(self.alpha, "QuantizerSpec.alpha"))
         if self.signed not in (None, True, False):
-            raise ConfigError(f"QuantizerSpec.signed: {self.signed!r} is not allowed; choose True, False or None (auto)")
+            raise ConfigError(f"QuantizerSpec.signed: {self.signed!r} is not allowed; "
+                              "choose True, False or None (auto)")
         if self.kind == "weight" and self.signed is False:
-            raise ConfigError("QuantizerSpec.signed: False is not allowed for a weight; weight grids are signed and symmetric")
+            raise ConfigError("QuantizerSpec.signed: False is not allowed for a weight; "
+                              "weight grids are signed and symmetric")
         if self.kind == "act" and self.per_channel:
-            raise ConfigError("QuantizerSpec.per_channel: True is not allowed for an activation; inputs take one step per tensor")
+            raise ConfigError("QuantizerSpec.per_channel: True is not allowed for an activation; "
+                              "inputs take one step per tensor")
         if self.kind == "weight":
             object.__setattr__(self, "signed", True)
 

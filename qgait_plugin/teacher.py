@@ -45,7 +45,7 @@ class FrozenTeacher:
         self.module = module
         self._student = weakref.ref(student) if student is not None else None
 
-    def follow(self, student: Optional[nn.Module] = None) -> "FrozenTeacher":
+    def follow(self, student: Optional[nn.Module] = None) -> FrozenTeacher:
         """Move to ``student``'s (default: the model it was made from) device and dtype, and back to eval."""
         if student is None and self._student is not None:
             student = self._student()
@@ -62,16 +62,16 @@ class FrozenTeacher:
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
-    def to(self, *args: Any, **kwargs: Any) -> "FrozenTeacher":
+    def to(self, *args: Any, **kwargs: Any) -> FrozenTeacher:
         self.module.to(*args, **kwargs)
         return self
 
-    def train(self, mode: bool = True) -> "FrozenTeacher":
+    def train(self, mode: bool = True) -> FrozenTeacher:
         """A no-op that keeps eval mode: the teacher's BN uses its FP running statistics."""
         self.module.eval()
         return self
 
-    def eval(self) -> "FrozenTeacher":
+    def eval(self) -> FrozenTeacher:
         self.module.eval()
         return self
 
@@ -88,7 +88,7 @@ class FrozenTeacher:
     def __repr__(self) -> str:
         return f"FrozenTeacher({type(self.module).__name__})"
 
-    def __deepcopy__(self, memo: Dict[int, Any]) -> "FrozenTeacher":
+    def __deepcopy__(self, memo: Dict[int, Any]) -> FrozenTeacher:
         # a deep copy of a student (EMA, a second teacher) must not duplicate the teacher's weights
         return self
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from qgait_plugin import CheckpointError, ConfigError, QGaitError, load_float_state_dict, quantize_model, read_checkpoint
+from qgait_plugin import (
+    CheckpointError,
+    ConfigError,
+    QGaitError,
+    load_float_state_dict,
+    quantize_model,
+    read_checkpoint,
+)
 from qgait_plugin.checkpoint import unwrap_state_dict, write_checkpoint
 
 _RAN = []

@@ -6,7 +6,8 @@ from qgait_plugin import ConfigError, QuantConfig
 GOOD = {
     "weight": {"bits": 4, "per_channel": True},
     "act": {"bits": 4},
-    "overrides": [{"match": "Backbone.*conv1*", "weight_bits": 8, "act_bits": 8}, {"match": "BNNecks*", "enabled": False}],
+    "overrides": [{"match": "Backbone.*conv1*", "weight_bits": 8, "act_bits": 8},
+                  {"match": "BNNecks*", "enabled": False}],
     "init_from": "output/fp.pt",
     "schedule": {"ste_iters": 40000, "soft_iters": 20000, "lr_scale": 0.1, "soft": {"alpha": 3.0, "alpha_end": 6}},
     "idd": {"enabled": True, "weight": 1.0, "criterion": "smooth_l1", "params": "all"},
@@ -23,7 +24,8 @@ def test_design_example_parses_and_round_trips():
 
 def test_defaults():
     cfg = QuantConfig.from_dict(None)
-    assert (cfg.weight.bits, cfg.act.bits, cfg.rounding, cfg.idd.enabled, cfg.last_layer) == (8, 8, "ste", False, "same")
+    got = (cfg.weight.bits, cfg.act.bits, cfg.rounding, cfg.idd.enabled, cfg.last_layer)
+    assert got == (8, 8, "ste", False, "same")
     assert QuantConfig.from_dict({"idd": {}}).idd.enabled  # an idd section switches it on
 
 
@@ -65,7 +67,8 @@ BAD = [
     ({"schedule": {"soft": {"alpha": 0}}}, r"quant\.schedule\.soft\.alpha: 0\.0 must be > 0"),
     ({"schedule": {"soft": {"alpha": 500}}}, r"quant\.schedule\.soft\.alpha: 500\.0 is too large"),
     ({"schedule": {"soft": {"aplha": 3}}}, r"quant\.schedule\.soft\.aplha: unknown key"),
-    ({"idd": {"criterion": "huber"}}, r"quant\.idd\.criterion: 'huber' is not allowed; choose one of \['smooth_l1', 'l1', 'l2'\]"),
+    ({"idd": {"criterion": "huber"}},
+     r"quant\.idd\.criterion: 'huber' is not allowed; choose one of \['smooth_l1', 'l1', 'l2'\]"),
     ({"idd": {"params": "bn"}}, r"quant\.idd\.params: 'bn' is not allowed"),
     ({"idd": {"weight": -1}}, r"quant\.idd\.weight: -1\.0 must be >= 0"),
     ({"rounding": "nearest"}, r"quant\.rounding: 'nearest' is not allowed; choose one of \['ste', 'soft'\]"),

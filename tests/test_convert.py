@@ -7,8 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qgait_plugin import (ConfigError, ParamMatmulHandler, coverage_report, dequantize_model, iter_quantizers,
-                          model_size_bytes, quantize_model, register_handler, set_rounding)
+from qgait_plugin import (
+    ConfigError,
+    ParamMatmulHandler,
+    coverage_report,
+    dequantize_model,
+    iter_quantizers,
+    model_size_bytes,
+    quantize_model,
+    register_handler,
+    set_rounding,
+)
 from qgait_plugin.quant.handlers import unregister_handler
 from qgait_plugin.quant.layers import QuantConv2d, QuantLinear
 
@@ -155,7 +164,8 @@ def test_param_matmul_handler_quantizes_raw_parameter():
         assert torch.allclose(wq / steps, torch.round(wq / steps), atol=1e-4)
         assert rel_err(out, ref) < 0.3
         out.sum().backward()
-        assert fc.fc_bin.grad is not None and fc.weight_quant.step.grad is not None and fc.act_quant.step.grad is not None
+        assert fc.fc_bin.grad is not None
+        assert fc.weight_quant.step.grad is not None and fc.act_quant.step.grad is not None
         assert "fc.fc_bin" in model.state_dict() and "fc.weight_quant.step" in model.state_dict()
         rep = coverage_report(fc, x)
         assert rep.quantized_mac_fraction == 1.0 and rep.total_macs == 5 * 4 * 8 * 6

@@ -1,5 +1,4 @@
 """ONNX export: integer weights in the file, and onnxruntime computes what the fake-quantized model computes."""
-import copy
 
 import pytest
 import torch
@@ -75,7 +74,7 @@ def test_packed_checkpoint_round_trip_and_size(tmp_path, bits):
     load_packed(fresh, str(tmp_path / "m.qgait")).eval()
     assert torch.equal(fresh(x), ref)
     blob = torch.load(str(tmp_path / "m.qgait"), weights_only=True)
-    for name, entry in blob["layers"].items():  # each weight takes exactly ceil(numel * bits / 8) bytes
+    for entry in blob["layers"].values():  # each weight takes exactly ceil(numel * bits / 8) bytes
         numel = int(np.prod(entry["shape"]))
         assert entry["data"].numel() == (numel * bits + 7) // 8
     torch.save(small_net().state_dict(), str(tmp_path / "fp.pt"))

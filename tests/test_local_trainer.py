@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from qgait_plugin.config import ConfigError
 from qgait_plugin.checkpoint import read_checkpoint
+from qgait_plugin.config import ConfigError
 from qgait_plugin.local.config import build_config
 from qgait_plugin.local.fixtures import write_random_dataset
 from qgait_plugin.local.trainer import Trainer

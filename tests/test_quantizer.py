@@ -119,7 +119,8 @@ def test_invalid_bits_rejected():
 def test_from_spec_round_trip(spec):
     q = LSQQuantizer.from_spec(spec, channel_shape=(6, 1, 1, 1))
     assert q.spec == spec
-    assert q.per_channel == spec.per_channel and q.enabled == spec.enabled and q.signed == (spec.signed if spec.kind == "act" else True)
+    assert q.per_channel == spec.per_channel and q.enabled == spec.enabled
+    assert q.signed == (spec.signed if spec.kind == "act" else True)
     assert tuple(q.step.shape) == ((6, 1, 1, 1) if spec.per_channel else ())
     # the state dict restores the same spec into a quantizer built from it
     r = LSQQuantizer.from_spec(spec, channel_shape=(6, 1, 1, 1))
@@ -136,7 +137,8 @@ def test_from_spec_needs_the_channel_shape_of_a_per_channel_spec():
     (dict(kind="bias", bits=8), r"QuantizerSpec\.kind: 'bias' is not allowed; choose one of \['weight', 'act'\]"),
     (dict(kind="act", bits=12), r"QuantizerSpec\.bits: 12 is not a supported bit width"),
     (dict(kind="act", bits=True), r"QuantizerSpec\.bits: True is not a supported bit width"),
-    (dict(kind="act", bits=4, rounding="hard"), r"QuantizerSpec\.rounding: 'hard' is not allowed; choose one of \['ste', 'soft'\]"),
+    (dict(kind="act", bits=4, rounding="hard"),
+     r"QuantizerSpec\.rounding: 'hard' is not allowed; choose one of \['ste', 'soft'\]"),
     (dict(kind="act", bits=4, alpha=0), r"QuantizerSpec\.alpha: 0\.0 must be > 0"),
     (dict(kind="act", bits=4, alpha=250.0), r"QuantizerSpec\.alpha: 250\.0 is too large"),
     (dict(kind="act", bits=4, signed="yes"), r"QuantizerSpec\.signed: 'yes' is not allowed"),

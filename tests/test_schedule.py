@@ -99,7 +99,8 @@ def test_alpha_anneals_linearly_over_phase_two():
 
 def test_from_config_accepts_every_form():
     d = {"ste_iters": 7, "soft_iters": 3, "lr_scale": 0.5, "soft": {"alpha": 4}}
-    forms = [d, {"schedule": d}, QuantConfig.from_dict({"schedule": d}), QuantConfig.from_dict({"schedule": d}).schedule]
+    cfg = QuantConfig.from_dict({"schedule": d})
+    forms = [d, {"schedule": d}, cfg, cfg.schedule]
     for f in forms:
         s = QGaitSchedule.from_config(f)
         assert (s.ste_iters, s.soft_iters, s.lr_scale, s.alpha_start, s.alpha_end) == (7, 3, 0.5, 4.0, None)
@@ -136,7 +137,7 @@ def test_lambda_scheduler_keeps_the_scaled_lr():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(want)
 
 
-@functools.lru_cache(maxsize=None)  # one reference run per setting, shared by the resume tests
+@functools.cache  # one reference run per setting, shared by the resume tests
 def _uninterrupted(kind="multistep", total=STE + SOFT + 3):
     model, opt, sched, s = build(kind)
     train(model, opt, sched, s, 0, total)

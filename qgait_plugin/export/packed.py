@@ -32,14 +32,14 @@ def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(np.pad(planes, ((0, 0), (0, 8 - bits))), axis=1, bitorder="little").reshape(-1)
 
 
-def _integers(m: nn.Module) -> torch.Tensor:
+def _integers(m: QuantLayerMixin) -> torch.Tensor:
     """The integers ``round(clamp(w / s))`` the deployed layer ``m`` stores for its weight."""
     wq = m.weight_quant
     qmin, qmax = wq.qrange_now()
     return torch.clamp(torch.round(getattr(m, m.qgait_param).detach() / wq.effective_step()), qmin, qmax)
 
 
-def _quantized_layers(model: nn.Module) -> Dict[str, nn.Module]:
+def _quantized_layers(model: nn.Module) -> Dict[str, QuantLayerMixin]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin) and m.weight_quant.enabled}
 
 
@@ -72,8 +72,8 @@ def load_packed(model: nn.Module, path: str) -> nn.Module:
     missing = sorted(set(layers) - set(blob["layers"]))
     extra = sorted(set(blob["layers"]) - set(layers))
     if missing or extra:
-        raise ValueError(f"{path}: quantized layers differ from the model's (missing {missing[:3]}, unexpected {extra[:3]}); "
-                         "convert the model with the quant config it was saved with")
+        raise ValueError(f"{path}: quantized layers differ from the model's (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}); convert the model with the quant config it was saved with")
     for name, entry in blob["layers"].items():
         m = layers[name]
         w = getattr(m, m.qgait_param)

@@ -59,7 +59,7 @@ class CrossEntropyLoss(nn.Module):
 
 def build_losses(terms: List[dict]) -> List[Tuple[str, float, str, nn.Module]]:
     """``(log_prefix, weight, input name, module)`` per configured term."""
-    out = []
+    out: List[Tuple[str, float, str, nn.Module]] = []
     for t in terms:
         if t["type"] == "TripletLoss":
             out.append((t["log_prefix"], t["loss_term_weight"], "embeddings", TripletLoss(t["margin"])))

@@ -13,7 +13,7 @@ import os
 import random
 import re
 import time
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -25,6 +25,11 @@ from .data import TripletSampler, collate_fixed, load_split
 from .evaluate import casia_b_protocol, extract_embeddings
 from .losses import build_losses
 from .model import build_model
+
+if TYPE_CHECKING:
+    from ..distill import IDDLoss
+    from ..schedule import QGaitSchedule
+    from ..teacher import FrozenTeacher
 
 
 def pick_device(name: str) -> torch.device:
@@ -76,7 +81,12 @@ class Trainer:
         self.history: List[Dict[str, float]] = []
         self.train_seconds = 0.0
         self._train_seqs = None
-        self.optimizer = None
+        # made by _setup_training (the first train())
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        self.schedule: Optional[QGaitSchedule] = None
+        self.teacher: Optional[FrozenTeacher] = None
+        self.idd: Optional[IDDLoss] = None
 
     # -- training setup ---------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -140,10 +150,10 @@ class Trainer:
         """The checkpoint: tensors and plain data only (read back with ``weights_only=True``)."""
         st = {"model": self.model.state_dict(), "iteration": self.iteration, "history": self.history,
               "train_seconds": self.train_seconds, "rng": self.rng.getstate()}
-        if self.optimizer is not None:
+        if self.optimizer is not None and self.scheduler is not None:
             st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                       sampler=self.sampler.state_dict())
-        if getattr(self, "schedule", None) is not None:
+        if self.schedule is not None:
             st["schedule"] = self.schedule.state_dict()
         return st
 
@@ -174,7 +184,7 @@ class Trainer:
             return
         if self.optimizer is not None and isinstance(hint, int):
             for key, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("sampler", self.sampler),
-                             ("schedule", getattr(self, "schedule", None))):
+                             ("schedule", self.schedule)):
                 if key in ck and obj is not None:
                     obj.load_state_dict(ck[key])
             self.iteration = int(ck.get("iteration", 0))
@@ -190,6 +200,8 @@ class Trainer:
 
         if self.optimizer is None:
             self._setup_training()
+        optimizer, scheduler = self.optimizer, self.scheduler
+        assert optimizer is not None and scheduler is not None  # made by _setup_training
         t = self.cfg["trainer_cfg"]
         total, save_iter, log_iter = t["total_iter"], t["save_iter"], max(1, t["log_iter"])
         frames = t["sampler"]["frames_num_fixed"]
@@ -201,7 +213,7 @@ class Trainer:
         while self.iteration < total:
             t0 = time.perf_counter()
             if self.schedule is not None:
-                self.schedule.apply(self.iteration, self.model, self.optimizer, self.scheduler)
+                self.schedule.apply(self.iteration, self.model, optimizer, scheduler)
             sils, labels = collate_fixed(seqs, self.sampler.sample(), frames, self.rng, self.label_of)
             sils, labels = sils.to(self.device), labels.to(self.device)
             out = self.model(sils)
@@ -212,19 +224,19 @@ class Trainer:
                 total_loss = total_loss + w * loss
                 rec[prefix] = float(loss.detach())
                 rec.update(info)
-            if self.teacher is not None:
+            if self.teacher is not None and self.idd is not None:
                 with torch.no_grad():
                     t_emb = self.teacher(sils)["embeddings"]
                 idd_loss, _ = self.idd(out["embeddings"], t_emb, labels)
                 total_loss = total_loss + idd_loss
                 rec["idd"] = float(idd_loss.detach())
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            optimizer.step()
+            scheduler.step()
             self.iteration += 1
             self.train_seconds += time.perf_counter() - t0
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = optimizer.param_groups[0]["lr"]
             rec.update(iteration=self.iteration, loss=float(total_loss.detach()), lr=lr)
             self.history.append(rec)
             bar.update(1)

@@ -9,7 +9,7 @@ are per part and output column (``[p, 1, out]``).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,17 +19,24 @@ from ..quant.handlers import ParamMatmulHandler, register_handler
 from ..quant.layers import QuantLayerMixin, quant_subclass
 
 
-def _fc_weight(m: nn.Module) -> torch.Tensor:
-    """The matrix the module multiplies by: ``fc_bin``, column-normalised when ``norm`` is on."""
-    return F.normalize(m.fc_bin, dim=1) if getattr(m, "norm", False) else m.fc_bin
+class _QuantFCBinMixin(QuantLayerMixin):
+    """What both quantized classes read from OpenGait's module: ``fc_bin`` and the ``norm`` flag."""
 
-
-class _QuantSeparateFCsForward(QuantLayerMixin):
-    """Per-part FC: ``out[n, :, p] = Q(x[n, :, p]) @ Q(W[p])``."""
+    fc_bin: nn.Parameter  # [parts, in, out]
+    norm: bool
 
     @property
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(_fc_weight(self))
+
+
+def _fc_weight(m: _QuantFCBinMixin) -> torch.Tensor:
+    """The matrix the module multiplies by: ``fc_bin``, column-normalised when ``norm`` is on."""
+    return F.normalize(m.fc_bin, dim=1) if getattr(m, "norm", False) else m.fc_bin
+
+
+class _QuantSeparateFCsForward(_QuantFCBinMixin):
+    """Per-part FC: ``out[n, :, p] = Q(x[n, :, p]) @ Q(W[p])``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, c_in, p]
         w = self.weight_quant(_fc_weight(self))
@@ -37,16 +44,16 @@ class _QuantSeparateFCsForward(QuantLayerMixin):
         return out.permute(1, 2, 0).contiguous()
 
 
-class _QuantSeparateBNNecksForward(QuantLayerMixin):
+class _QuantSeparateBNNecksForward(_QuantFCBinMixin):
     """BNNeck: BatchNorm over the features, then (optionally normalised) per-part classifier.
 
     Returns the float features (used by the triplet loss / retrieval) and logits computed from
     the quantized features and weight.
     """
 
-    @property
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quant(_fc_weight(self))
+    parallel_BN1d: bool
+    #: one BatchNorm1d over all parts when ``parallel_BN1d``, else a ModuleList of one per part
+    bn1d: Any
 
     def _batch_norm(self, x: torch.Tensor) -> torch.Tensor:
         n, c, p = x.shape
@@ -79,8 +86,10 @@ class OpenGaitFCHandler(ParamMatmulHandler):
 _REGISTERED: Dict[type, OpenGaitFCHandler] = {}
 
 
-def register_opengait_handlers(modules) -> None:  # noqa: ANN001 - OpenGait's ``modeling.modules``
-    """Register the handlers for ``modules.SeparateFCs`` and ``modules.SeparateBNNecks`` (idempotent)."""
+def register_opengait_handlers(modules: Any) -> None:
+    """Register the handlers for ``modules.SeparateFCs`` and ``modules.SeparateBNNecks`` (idempotent).
+
+    ``modules`` is OpenGait's ``modeling.modules``."""
     for cls, mixin in ((modules.SeparateFCs, _QuantSeparateFCsForward),
                        (modules.SeparateBNNecks, _QuantSeparateBNNecksForward)):
         if cls not in _REGISTERED:

@@ -6,7 +6,7 @@ feeds it ``training_feat[log_prefix]``. The plugin registers :data:`IDD_LOSS_TYP
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -55,7 +55,8 @@ def make_idd_loss_class(losses_base: Any) -> type:
             self.idd = IDDLoss(weight=1.0, criterion=criterion)
 
         @losses_base.gather_and_scale_wrapper
-        def forward(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):  # noqa: ANN201
+        def forward(self, student: torch.Tensor, teacher: torch.Tensor,
+                    labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
             loss, info = self.idd(student.float(), teacher.float(), labels)
             for k, v in (info or {}).items():
                 self.info[k] = v.detach().clone() if isinstance(v, torch.Tensor) else torch.tensor(float(v))

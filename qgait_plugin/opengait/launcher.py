@@ -52,12 +52,15 @@ def load_config(og: Any, cfg_path: Path) -> Dict[str, Any]:
 
 def _load_main(og: Any, argv: List[str]) -> Any:
     """Import ``<root>/opengait/main.py`` as a module, its argument parser seeing ``argv``."""
-    spec = importlib.util.spec_from_file_location("qgait_opengait_main", og.root / "opengait" / "main.py")
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    main_py = og.root / "opengait" / "main.py"
+    spec = importlib.util.spec_from_file_location("qgait_opengait_main", main_py)
+    if spec is None or spec.loader is None:
+        raise LaunchError(f"{main_py}: cannot be imported as a Python module")
+    mod = importlib.util.module_from_spec(spec)
     saved = sys.argv
-    sys.argv = [str(og.root / "opengait" / "main.py")] + argv
+    sys.argv = [str(main_py)] + argv
     try:
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        spec.loader.exec_module(mod)
     finally:
         sys.argv = saved
     return mod
@@ -121,8 +124,9 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
     for key in ("dataset_root", "dataset_partition"):
         value = data.get(key)
         if isinstance(value, str) and not os.path.exists(value):
-            raise LaunchError(f"{cfg_path}: data_cfg.{key} = {value!r} does not exist (relative paths are taken from "
-                              f"{os.getcwd()}); set it to your {'data set folder' if key == 'dataset_root' else 'partition JSON'}")
+            what = "data set folder" if key == "dataset_root" else "partition JSON"
+            raise LaunchError(f"{cfg_path}: data_cfg.{key} = {value!r} does not exist (relative paths are taken "
+                              f"from {os.getcwd()}); set it to your {what}")
     if iteration:
         cfg["evaluator_cfg"]["restore_hint"] = int(iteration)
         cfg["trainer_cfg"]["restore_hint"] = int(iteration)
@@ -154,7 +158,8 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         if dist.get_rank() != 0 or result is None:
             return
         rec = results_record(model, result, cfg, cfg_path)
-        out = Path(results) if results else Path("output") / rec["dataset"] / rec["model"] / rec["save_name"] / "qgait_results.json"
+        default = Path("output") / rec["dataset"] / rec["model"] / rec["save_name"] / "qgait_results.json"
+        out = Path(results) if results else default
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rec, indent=2))
         print(f"qgait: results written to {out.resolve()}", flush=True)

@@ -24,7 +24,7 @@ across ranks there (``qgait_plugin.quant.quantizer``), so every DDP rank starts 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -55,7 +55,28 @@ class PluginState(nn.Module):
             self.schedule.load_state_dict(state["schedule"])
 
 
-class QuantAwareModel:
+if TYPE_CHECKING:
+    class _BaseModel(nn.Module):
+        """What :class:`QuantAwareModel` uses of OpenGait's ``BaseModel``, for type checking only (at
+        run time the mixin derives from ``object`` and OpenGait's class comes after it in the MRO)."""
+
+        cfgs: Dict[str, Any]
+        iteration: int
+        msg_mgr: Any
+        optimizer: torch.optim.Optimizer
+        scheduler: Any
+
+        def __init__(self, cfgs: Dict[str, Any], training: bool) -> None: ...
+        def build_network(self, model_cfg: Dict[str, Any]) -> None: ...
+        def init_parameters(self) -> None: ...
+        def train_step(self, loss_sum: torch.Tensor) -> bool: ...
+        @staticmethod
+        def run_test(model: nn.Module) -> Any: ...
+else:
+    _BaseModel = object
+
+
+class QuantAwareModel(_BaseModel):
     """Mixed in front of an OpenGait ``BaseModel`` subclass by :func:`make_quant_aware`.
 
     Class attributes: ``_qgait_original`` is the OpenGait class, ``_qgait_context`` the run
@@ -65,13 +86,18 @@ class QuantAwareModel:
 
     _qgait_original: type
     _qgait_context: Optional[RunContext] = None
+    # set with object.__setattr__ before OpenGait's __init__ (and nn.Module's) runs
+    _qgait_training: bool
+    _qgait_cfg: Optional[QuantConfig]
+    #: made in init_parameters when the config has ``quant:``
+    qgait_state: PluginState
 
     def __init__(self, cfgs: Dict[str, Any], training: bool) -> None:
         object.__setattr__(self, "_qgait_training", bool(training))
         object.__setattr__(self, "_qgait_cfg", None)
-        super().__init__(cfgs, training)  # type: ignore[call-arg]
+        super().__init__(cfgs, training)
         if self._qgait_context is not None:
-            self._qgait_context.model_built(self)  # type: ignore[arg-type]
+            self._qgait_context.model_built(self)
         if self._qgait_cfg is not None and training:
             sched = self.qgait_state.schedule
             sched.apply(self.iteration, self, self.optimizer, self.scheduler)
@@ -79,7 +105,7 @@ class QuantAwareModel:
 
     # -- network ----------------------------------------------------------------------------
     def build_network(self, model_cfg: Dict[str, Any]) -> None:
-        super().build_network(model_cfg)  # type: ignore[misc]
+        super().build_network(model_cfg)
         if self.cfgs.get("quant") is None:
             return
         qcfg = QuantConfig.from_dict(self.cfgs["quant"])
@@ -92,7 +118,7 @@ class QuantAwareModel:
             add_idd_loss(self.cfgs, qcfg)
 
     def init_parameters(self) -> None:
-        super().init_parameters()  # type: ignore[misc]
+        super().init_parameters()
         qcfg = self._qgait_cfg
         if qcfg is None:
             return
@@ -119,7 +145,7 @@ class QuantAwareModel:
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, inputs: Any) -> Dict[str, Any]:
-        retval = super().forward(inputs)  # type: ignore[misc]
+        retval = super().forward(inputs)
         teacher = get_teacher(self)
         if teacher is None or not self.training:
             return retval
@@ -130,7 +156,7 @@ class QuantAwareModel:
         return retval
 
     def train_step(self, loss_sum: torch.Tensor) -> bool:
-        ok = super().train_step(loss_sum)  # type: ignore[misc]
+        ok = super().train_step(loss_sum)
         if self._qgait_cfg is not None:
             sched = self.qgait_state.schedule
             before = sched.last_phase
@@ -143,7 +169,7 @@ class QuantAwareModel:
     # -- testing ----------------------------------------------------------------------------
     @classmethod
     def run_test(cls, model: nn.Module) -> Any:
-        result = super().run_test(model)  # type: ignore[misc]  # OpenGait's static run_test
+        result = super().run_test(model)  # OpenGait's static run_test
         if cls._qgait_context is not None:
             cls._qgait_context.test_finished(model, result)
         return result

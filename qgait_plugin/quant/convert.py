@@ -29,18 +29,20 @@ def quantizable_layers(model: nn.Module) -> List[Tuple[str, nn.Module, LayerHand
     return out
 
 
-def _convert_one(m: nn.Module, h: LayerHandler, w_spec: QuantizerSpec, a_spec: QuantizerSpec, exact_input: bool) -> None:
+def _convert_one(m: nn.Module, h: LayerHandler, w_spec: QuantizerSpec, a_spec: QuantizerSpec,
+                 exact_input: bool) -> None:
     w = h.weight(m)
     wq = LSQQuantizer.from_spec(w_spec, channel_shape=h.channel_shape(w))
     aq = LSQQuantizer.from_spec(a_spec)
     m.__class__ = h.quant_class(type(m))
+    assert isinstance(m, QuantLayerMixin), f"{h!r}: quant_class must give a QuantLayerMixin subclass"
     m.add_module("weight_quant", wq.to(w.device))
     m.add_module("act_quant", aq.to(w.device))
     m.qgait_param = h.param
     m.qgait_exact_input = exact_input
 
 
-def quantize_model(model: nn.Module, config: "QuantConfig | dict | None") -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig | dict | None) -> nn.Module:
     """Convert ``model`` in place for quantization-aware training and return it.
 
     Layers whose weight and input both resolve to 32 bits (an override with ``enabled: false``,

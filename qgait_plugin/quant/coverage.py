@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,8 @@ class _MacCounter(TorchFunctionMode):
         super().__init__()
         self.stack, self.counts = stack, counts
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: Sequence[Any] = (),
+                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         fn = _MAC_FUNCS.get(func)
@@ -114,8 +115,10 @@ class CoverageReport:
     def table(self) -> str:
         """A Markdown table, one row per layer that does multiply-accumulates, plus a total."""
         lines = ["| layer | type | W bits | A bits | MACs | quantized |", "|---|---|---:|---:|---:|---|"]
+        def bits(b: int) -> str:
+            return "fp" if b >= FP_BITS else str(b)
+
         for r in self.rows:
-            bits = lambda b: "fp" if b >= FP_BITS else str(b)  # noqa: E731
             q = "yes" if r.quantized else "no"
             lines.append(f"| {r.name or '(model)'} | {r.type} | {bits(r.weight_bits)} | {bits(r.act_bits)} | "
                          f"{r.macs:,} | {q}{' (' + r.note + ')' if r.note else ''} |")
@@ -142,7 +145,8 @@ def _layer_row(name: str, m: nn.Module, macs: int) -> CoverageRow:
 
 
 @torch.no_grad()
-def coverage_report(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None) -> CoverageReport:
+def coverage_report(model: nn.Module, example_inputs: Any,
+                    forward_kwargs: Optional[Dict[str, Any]] = None) -> CoverageReport:
     """Run ``model`` once on ``example_inputs`` (a tensor or a tuple of positional args) and report.
 
     The model runs in eval mode when its quantizers are initialised, else in train mode for this
@@ -150,11 +154,20 @@ def coverage_report(model: nn.Module, example_inputs: Any, forward_kwargs: Optio
     """
     stack: List[str] = []
     counts: Dict[str, int] = {}
+
+    def enter(name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(mod: nn.Module, inp: Any) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(mod: nn.Module, inp: Any, out: Any) -> None:
+        stack.pop()
+
     handles = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
-        handles.append(m.register_forward_pre_hook(lambda mod, inp, n=name: stack.append(n) and None))
-        handles.append(m.register_forward_hook(lambda mod, inp, out: stack.pop() and None))
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave))
     was_training = model.training
     from .quantizer import LSQQuantizer
     needs_init = any(isinstance(q, LSQQuantizer) and q.enabled and not bool(q.initialized) for q in model.modules())

@@ -96,7 +96,7 @@ def find_handler(module: nn.Module) -> Optional[LayerHandler]:
     if cls in _REGISTRY:
         return _REGISTRY[cls]
     for base in cls.__mro__[1:]:
-        if base in _REGISTRY and cls.forward is base.forward:
+        if issubclass(base, nn.Module) and base in _REGISTRY and cls.forward is base.forward:
             return _REGISTRY[base]
     return None
 

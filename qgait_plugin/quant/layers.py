@@ -6,7 +6,7 @@ keeps object identity, so modules held in lambdas or plain Python objects are co
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +15,17 @@ from torch.func import functional_call
 
 from .quantizer import LSQQuantizer
 
+if TYPE_CHECKING:
+    # The mixins are only ever put in front of an nn.Module subclass; type-check them as modules
+    # (the conv mixin as a conv). At run time they derive from object and the MRO is unchanged.
+    _ModuleBase = nn.Module
+    _ConvBase = nn.modules.conv._ConvNd
+else:
+    _ModuleBase = object
+    _ConvBase = object
 
-class QuantLayerMixin:
+
+class QuantLayerMixin(_ModuleBase):
     """What every quantized layer has: ``weight_quant``, ``act_quant`` and the name of its weight."""
 
     weight_quant: LSQQuantizer
@@ -33,11 +42,11 @@ class QuantLayerMixin:
         return self.weight_quant(getattr(self, self.qgait_param))
 
 
-class _QuantConvForward(QuantLayerMixin):
+class _QuantConvForward(QuantLayerMixin, _ConvBase):
     """Forward of the quantized ``nn.Conv1d/2d/3d``: the float conv on the quantized input and weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)  # type: ignore[attr-defined]
+        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
 
 
 class QuantConv1d(_QuantConvForward, nn.Conv1d):
@@ -71,19 +80,19 @@ class _QuantParamForward(QuantLayerMixin):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self._qgait_in_call:
-            return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+            return super().forward(x, *args, **kwargs)
         w = self.weight_quant(getattr(self, self.qgait_param))
         x = self.act_quant(x)
         if torch.jit.is_tracing():  # functional_call refuses traced modules: swap the entry by hand
             original = self._parameters[self.qgait_param]
-            self._parameters[self.qgait_param] = w  # type: ignore[assignment]
+            self._parameters[self.qgait_param] = w
             try:
-                return super().forward(x, *args, **kwargs)  # type: ignore[misc]
+                return super().forward(x, *args, **kwargs)
             finally:
                 self._parameters[self.qgait_param] = original
         object.__setattr__(self, "_qgait_in_call", True)
         try:
-            return functional_call(self, {self.qgait_param: w}, (x, *args), kwargs)  # type: ignore[arg-type]
+            return functional_call(self, {self.qgait_param: w}, (x, *args), kwargs)
         finally:
             object.__setattr__(self, "_qgait_in_call", False)
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..spec import FP_BITS, QuantizerSpec, check_rounding
+from ..spec import QuantizerSpec, check_rounding
 from .rounding import ROUNDINGS, soft_round_value
 
 #: Smallest step the quantizer divides by: an optimizer overshoot cannot flip the grid or divide by zero.
@@ -73,7 +73,7 @@ class _FusedFakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, s, qmin, qmax, grad_fn, alpha, gscale):  # type: ignore[override]
+    def forward(ctx, x, s, qmin, qmax, grad_fn, alpha, gscale):
         sx = s.to(x.dtype)
         v = x / sx
         ctx.save_for_backward(v, s)
@@ -81,7 +81,7 @@ class _FusedFakeQuant(torch.autograd.Function):
         return torch.round(v.clamp(qmin, qmax)) * sx
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         v, s = ctx.saved_tensors
         qmin, qmax, grad_fn, alpha, gscale = ctx.conf
         vc = v.clamp(qmin, qmax)
@@ -138,17 +138,18 @@ def _mse_best_scale(x: torch.Tensor, absmax: torch.Tensor, qmin: int, qmax: int,
     Cheaper and better than LSQ's ``2 mean|x| / sqrt(Qp)`` heuristic at low bit widths, and as
     good as min/max at 8 bits.
     """
-    best_err, best = None, None
-    for r in torch.linspace(1.0 / candidates, 1.0, candidates, device=x.device):
+    def candidate(r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         s = (absmax * r / qmax).clamp_min(STEP_EPS)
         err = (torch.clamp(torch.round(x / s), qmin, qmax) * s - x).pow(2)
-        err = err.mean(dim=tuple(dims), keepdim=True) if dims else err.mean()
-        if best_err is None:
-            best_err, best = err, s
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, s, best)
+        return s, err.mean(dim=tuple(dims), keepdim=True) if dims else err.mean()
+
+    ratios = torch.linspace(1.0 / candidates, 1.0, candidates, device=x.device)
+    best, best_err = candidate(ratios[0])
+    for r in ratios[1:]:
+        s, err = candidate(r)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
     return best
 
 
@@ -165,6 +166,8 @@ class LSQQuantizer(nn.Module):
     shape. Everything needed to reproduce it (bits, signedness, rounding mode, ``alpha``) is part
     of its state dict, so a checkpoint restores the phase it was saved in.
     """
+
+    initialized: torch.Tensor  # a bool buffer
 
     def __init__(self, bits: int, kind: str, signed: Optional[bool] = None,
                  channel_shape: Optional[Sequence[int]] = None, rounding: str = "ste", alpha: float = 3.0,
@@ -186,7 +189,7 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @classmethod
-    def from_spec(cls, spec: QuantizerSpec, channel_shape: Optional[Sequence[int]] = None) -> "LSQQuantizer":
+    def from_spec(cls, spec: QuantizerSpec, channel_shape: Optional[Sequence[int]] = None) -> LSQQuantizer:
         """The quantizer ``spec`` describes. ``channel_shape`` is the step's shape for a per-channel
         spec (one entry per output channel, 1 on the reduced dimensions; the layer's handler knows
         it) and is ignored for a per-tensor one."""
@@ -256,7 +259,10 @@ class LSQQuantizer(nn.Module):
                                    "batch first (or load a QAT checkpoint) so its step is set from data")
             self.initialize(x)
         qmin, qmax = self.qrange_now()
-        per_step = x.numel() // max(1, self.step.numel()) if self.kind == "weight" else x[0].numel() if x.dim() > 1 else x.numel()
+        if self.kind == "weight":
+            per_step = x.numel() // max(1, self.step.numel())
+        else:
+            per_step = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(max(1, per_step) * qmax)
         return fake_quantize(x, self.step, qmin, qmax, self.rounding, self.alpha, self.soft_forward, grad_scale=g)
 
@@ -267,8 +273,9 @@ class LSQQuantizer(nn.Module):
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         if state.get("bits") != self.bits or state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint holds a {state.get('bits')}-bit {state.get('kind')} quantizer where the model "
-                             f"has a {self.bits}-bit {self.kind} one: the quant config differs from the one it was trained with")
+            raise ValueError(f"checkpoint holds a {state.get('bits')}-bit {state.get('kind')} quantizer where the "
+                             f"model has a {self.bits}-bit {self.kind} one: the quant config differs from the one "
+                             "it was trained with")
         self.signed = state["signed"]
         self.rounding = check_rounding(state["rounding"], "checkpoint: quantizer rounding")
         self.alpha = float(state["alpha"])

@@ -26,11 +26,11 @@ class _STERound(torch.autograd.Function):
     """Straight-through estimator: forward ``round``, backward identity."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
         return torch.round(v)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 
@@ -60,13 +60,13 @@ class _SoftRound(torch.autograd.Function):
     """The QGait soft quantizer: forward ``round``, backward ``phi'``."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, alpha: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor, alpha: float) -> torch.Tensor:
         ctx.save_for_backward(v)
         ctx.alpha = alpha
         return torch.round(v)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         (v,) = ctx.saved_tensors
         vv = v.float() if v.dtype in (torch.float16, torch.bfloat16) else v  # half precision: compute in fp32
         g = soft_round_grad(vv, ctx.alpha).to(grad.dtype)
