@@ -60,8 +60,11 @@ def read_checkpoint(path: str | os.PathLike[str], source: Optional[str] = None) 
                                   "since loading them could run code. Re-save the checkpoint with state dicts only"
                                   ) from None
         raise CheckpointError(f"{where} is not a PyTorch checkpoint (unpickling failed)") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
-        raise CheckpointError(f"{where} is not a PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception as e:
+        # on a file that is not a checkpoint torch.load fails with almost any type: RuntimeError for a
+        # broken zip, EOFError, IndexError for a text file, UnicodeDecodeError, ...
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{where} is not a PyTorch checkpoint ({type(e).__name__}: {detail})") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{where} holds a {type(obj).__name__}; expected a state dict or a checkpoint dict")
     return dict(obj)

@@ -1,4 +1,5 @@
 """The one checkpoint reader: what it reads, and what it refuses with a message naming the file."""
+import io
 import os
 import random
 
@@ -51,10 +52,18 @@ def test_missing_file_names_the_file_and_the_setting(tmp_path):
     assert issubclass(CheckpointError, QGaitError)
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", bytes(range(256)) * 4])
+def _truncated_checkpoint():
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(8)}, buf)
+    return buf.getvalue()[:200]
+
+
+# a text file makes torch.load raise IndexError, a cut zip RuntimeError, an empty file EOFError
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", bytes(range(256)) * 4,
+                                     b"this is not a checkpoint", b"a: 1\nb: [1, 2]\n", "truncated"])
 def test_garbage_is_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "garbage.pt"
-    path.write_bytes(content)
+    path.write_bytes(_truncated_checkpoint() if content == "truncated" else content)
     with pytest.raises(CheckpointError, match=r"garbage\.pt' is not a PyTorch checkpoint"):
         read_checkpoint(path)
 

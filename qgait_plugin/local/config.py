@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 
 from ..config import ConfigError, QuantConfig
+from ..errors import InputNotFound
 
 #: Built-in defaults: a compact GaitBase-style model on 32 x 22 silhouettes, sized for a CPU.
 DEFAULTS: Dict[str, Any] = {
@@ -181,7 +182,7 @@ def _validate(cfg: Dict[str, Any], src: str) -> None:
     if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
         raise ConfigError(f"{src}: data_cfg.resolution: expected [height, width] after cutting, e.g. [64, 44] "
                           f"or [32, 22], got {res!r}")
-    for key in ("total_iter", "save_iter", "log_iter"):
+    for key in ("total_iter", "save_iter", "log_iter", "seed", "num_threads"):
         v = cfg["trainer_cfg"][key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{src}: trainer_cfg.{key}: expected an int >= 0, got {v!r}")
@@ -213,10 +214,16 @@ def build_config(user: Optional[Mapping[str, Any]] = None, src: str = "<dict>") 
 
 def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Read a YAML file (plus optional programmatic ``overrides`` merged on top) into a checked config."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder; expected a YAML config file")
     if not os.path.isfile(path):
-        raise ConfigError(f"{path}: config file not found")
-    with open(path) as f:
-        user = yaml.safe_load(f) or {}
+        raise InputNotFound(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            user = yaml.safe_load(f) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        detail = " ".join(str(e).split())  # YAML's messages span lines
+        raise ConfigError(f"{path}: not a valid YAML file ({detail})") from None
     if not isinstance(user, Mapping):
         raise ConfigError(f"{path}: expected a YAML mapping of config sections, got {type(user).__name__}")
     if overrides:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..errors import InputNotFound
+from ..errors import ConfigError, InputNotFound
 from .config import merge_dicts
 
 METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w4a4_lsq", "w4a4_qgait")
@@ -39,7 +39,7 @@ def demo_config_dir() -> Path:
     d = Path(__file__).resolve().parents[2] / "configs" / "demo"
     if not (d / "fp.yaml").is_file():
         raise InputNotFound(f"demo configs not found at {d}; run from a checkout of qgait-plugin "
-                                "(or pass --configs DIR with fp.yaml, w8a8_lsq.yaml, ...)")
+                            "(or pass --configs DIR with fp.yaml, w8a8_lsq.yaml, ...)")
     return d
 
 
@@ -71,9 +71,14 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
     from .report import plot_accuracy, plot_distances, plot_training_curves, write_tables
     from .trainer import Trainer
 
+    if threads < 0:
+        raise ConfigError(f"--threads: {threads}; expected a positive number of threads, or 0 for the configs'")
     if threads:
         torch.set_num_threads(threads)
     cfg_dir = Path(configs) if configs else demo_config_dir()
+    missing = [f"{name}.yaml" for name in METHODS if not (cfg_dir / f"{name}.yaml").is_file()]
+    if missing:  # found before the data set is generated, not after
+        raise InputNotFound(f"--configs {cfg_dir}: missing {missing}")
     out_p = Path(out)
     data = out_p / "data"
     part = data / "partition.json"

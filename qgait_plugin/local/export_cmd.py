@@ -37,11 +37,13 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
     from .data import load_split
     from .trainer import Trainer
 
+    if runs < 1:
+        raise ConfigError(f"--runs: {runs}; the latency needs at least one timed onnxruntime run")
     if cfg.get("quant") is None:
         raise ConfigError(f"{source}: has no quant: section; export writes quantized models (train one with quant:)")
     tr = Trainer(cfg, progress=progress)
     e = cfg["evaluator_cfg"]
-    tr.restore(e["restore_hint"], strict=True, save_name=e.get("save_name"))
+    tr.restore(e["restore_hint"], strict=True, save_name=e.get("save_name"), source="evaluator_cfg.restore_hint")
     model = EmbeddingHead(tr.model.cpu()).eval()
     seq = load_split(cfg["data_cfg"], "TEST_SET", progress=False)[0]
     limit = e["sampler"].get("frames_all_limit", 0) or seq.frames.shape[0]

@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_dict, write_checkpoint
 from ..config import ConfigError
+from ..errors import InputNotFound
 from .config import loss_terms, output_dir
 from .data import TripletSampler, collate_fixed, load_split
 from .evaluate import casia_b_protocol, extract_embeddings
@@ -35,7 +36,10 @@ if TYPE_CHECKING:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"trainer_cfg.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
@@ -138,7 +142,7 @@ class Trainer:
         self.sampler = TripletSampler(seqs, p, k, seed=int(t.get("seed", 0)))
         hint = t["restore_hint"]
         if hint not in (0, None):
-            self.restore(hint, strict=t.get("restore_ckpt_strict", True))
+            self.restore(hint, strict=t.get("restore_ckpt_strict", True), source="trainer_cfg.restore_hint")
 
     def train_seqs(self):
         if self._train_seqs is None:
@@ -162,31 +166,55 @@ class Trainer:
         write_checkpoint(self.state_dict(), path)
         return path
 
-    def resolve(self, hint: Any, save_name: Optional[str] = None) -> str:
-        """Checkpoint path for a restore hint: int = this run's iteration (0/-1 = latest), str = a file."""
+    def resolve(self, hint: Any, save_name: Optional[str] = None, source: str = "restore_hint") -> str:
+        """Checkpoint path for a restore hint: int = this run's iteration (0/-1 = latest), str = a file.
+
+        ``source`` (the config key that gave ``hint``) starts the error when there is no checkpoint."""
         if isinstance(hint, str):
             return hint
         name = save_name or self.save_name
         if hint in (0, -1, None):
-            files = glob.glob(os.path.join(output_dir(self.cfg, name), "checkpoints", f"{name}-*.pt"))
+            ck_dir = os.path.join(output_dir(self.cfg, name), "checkpoints")
+            files = glob.glob(os.path.join(ck_dir, f"{name}-*.pt"))
             its = [int(m.group(1)) for f in files if (m := re.search(r"-(\d+)\.pt$", f))]
             if not its:
-                raise FileNotFoundError(f"no checkpoint of {name!r} under {output_dir(self.cfg, name)}/checkpoints")
+                raise InputNotFound(f"{source}: {hint!r} asks for the latest checkpoint of {name!r}, but there is "
+                                    f"none under {ck_dir} (train it first, or set {source} to a checkpoint file)")
             hint = max(its)
         return checkpoint_path(output_dir(self.cfg, name), name, int(hint))
 
-    def restore(self, hint: Any, strict: bool = True, save_name: Optional[str] = None) -> None:
-        """Load model (+ optimizer, scheduler, iteration, schedule, RNGs when present and training)."""
-        path = self.resolve(hint, save_name)
-        ck = read_checkpoint(path)
-        self.model.load_state_dict(unwrap_state_dict(ck, set(self.model.state_dict())), strict=strict)
+    def restore(self, hint: Any, strict: bool = True, save_name: Optional[str] = None,
+                source: str = "restore_hint") -> None:
+        """Load model (+ optimizer, scheduler, iteration, schedule, RNGs when present and training).
+
+        ``source`` is the config key that gave ``hint``; errors about the checkpoint start with it."""
+        path = self.resolve(hint, save_name, source)
+        ck = read_checkpoint(path, source)
+        where = f"{source}: {path!r}"
+        model_keys = set(self.model.state_dict())
+        sd = unwrap_state_dict(ck, model_keys)
+        try:
+            self.model.load_state_dict(sd, strict=strict)
+        except (RuntimeError, ValueError) as e:  # keys, shapes or quantizer settings differ from the model's
+            missing, unexpected = sorted(model_keys - set(sd)), sorted(set(sd) - model_keys)
+            if missing or unexpected:
+                detail = (f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+                          f"{unexpected[:3]}")
+            else:
+                detail = " ".join(str(e).split())[:300]  # torch's message spans lines
+            raise ConfigError(f"{where} does not fit the configured model ({detail}); expected a checkpoint "
+                              "trained with this config") from None
         if isinstance(hint, str) and "iteration" not in ck:
             return
         if self.optimizer is not None and isinstance(hint, int):
             for key, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler), ("sampler", self.sampler),
                              ("schedule", self.schedule)):
                 if key in ck and obj is not None:
-                    obj.load_state_dict(ck[key])
+                    try:
+                        obj.load_state_dict(ck[key])
+                    except (KeyError, ValueError) as e:
+                        raise ConfigError(f"{where}: its {key} state does not fit this run ({e}); resume with "
+                                          "the config the checkpoint was trained with") from None
             self.iteration = int(ck.get("iteration", 0))
             self.history = list(ck.get("history", []))
             self.train_seconds = float(ck.get("train_seconds", 0.0))
@@ -255,7 +283,8 @@ class Trainer:
         """CASIA-B protocol on TEST_SET; with ``restore`` load ``evaluator_cfg.restore_hint`` first."""
         e = self.cfg["evaluator_cfg"]
         if restore:
-            self.restore(e["restore_hint"], strict=e.get("restore_ckpt_strict", True), save_name=e.get("save_name"))
+            self.restore(e["restore_hint"], strict=e.get("restore_ckpt_strict", True), save_name=e.get("save_name"),
+                         source="evaluator_cfg.restore_hint")
         test = load_split(self.cfg["data_cfg"], "TEST_SET", progress=self.progress)
         emb = extract_embeddings(self.model, test, self.device, e["sampler"].get("frames_all_limit", 0),
                                  desc=f"eval {self.save_name}", progress=self.progress)
