@@ -63,3 +63,23 @@ def test_distance_is_part_averaged_euclidean():
 def test_no_gallery_raises():
     with pytest.raises(ValueError, match="no probe/gallery pairs"):
         casia_b_protocol(_emb([0, 1]), ["0", "1"], ["bg-01", "bg-01"], ["A", "B"])
+
+
+def test_one_protocol_serves_the_evaluator_and_the_difficulty_probe():
+    """The probe's rank-1 on plain ``[n, d]`` embeddings is the shared protocol's (Euclidean, one part)."""
+    from qgait_plugin import protocol
+    from qgait_plugin.local import evaluate
+    from qgait_plugin.synth.difficulty import rank1
+
+    assert evaluate.casia_b_protocol is protocol.casia_b_protocol and evaluate.distance is protocol.distance
+    g = torch.Generator().manual_seed(0)
+    info = [(f"{i:03d}", t, v) for i in range(5) for t in ("nm-01", "nm-02", "nm-05", "bg-01", "cl-01")
+            for v in ("000", "090", "180")]
+    emb = torch.randn(len(info), 6, generator=g) + torch.tensor([float(i[0]) for i in info])[:, None] * 0.5
+    ids, types, views = zip(*info)
+    want = protocol.casia_b_protocol(emb[:, :, None], ids, types, views)["rank1"]
+    assert rank1(emb, info) == want
+    # a condition without probes is NaN for the probe, and the mean is over the conditions present
+    keep = [k for k, i in enumerate(info) if i[1] != "cl-01"]
+    got = rank1(emb[keep], [info[k] for k in keep])
+    assert got["CL"] != got["CL"] and got["mean"] == pytest.approx((got["NM"] + got["BG"]) / 2)

@@ -21,9 +21,10 @@ import torch
 from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_dict, write_checkpoint
 from ..config import ConfigError
 from ..errors import InputNotFound
+from ..protocol import casia_b_protocol
 from .config import loss_terms, output_dir
 from .data import TripletSampler, collate_fixed, load_split
-from .evaluate import casia_b_protocol, extract_embeddings
+from .evaluate import extract_embeddings
 from .losses import build_losses
 from .model import build_model
 

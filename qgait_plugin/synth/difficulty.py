@@ -5,8 +5,9 @@ and tuning them by training that model each time is slow. Gait energy images (me
 with a tiny CNN trained on ``TRAIN_SET`` give a fast, rough proxy: it sees less than a sequence
 model (no frame order, no set pooling), so expect it somewhat below the real model.
 
-Protocol (CASIA-B): gallery nm-01..04, probes NM (nm-05/06), BG (bg-01/02), CL (cl-01/02);
-rank-1 per (probe view, gallery view) pair excluding identical views, averaged.
+Protocol: the built-in host's CASIA-B protocol (:func:`qgait_plugin.protocol.casia_b_protocol`):
+gallery nm-01..04, probes NM (nm-05/06), BG (bg-01/02), CL (cl-01/02); rank-1 per (probe view,
+gallery view) pair excluding identical views, averaged per probe view, then over views.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..layout import GALLERY_TYPES, PARTITION_NAME, PROBE_TYPES, list_sequences, read_partition, read_sequence
+from ..layout import PARTITION_NAME, PROBE_TYPES, list_sequences, read_partition, read_sequence
+from ..protocol import casia_b_protocol
 
 
 def load_geis(root: os.PathLike, ids: List[str], size: Tuple[int, int] = (32, 22)
@@ -43,26 +45,11 @@ def _net(n_classes: int, dim: int = 64) -> Tuple[nn.Module, nn.Module]:
 
 
 def rank1(emb: torch.Tensor, info: List[Tuple[str, str, str]]) -> Dict[str, float]:
-    """CASIA-B rank-1 (%) per probe condition, cross-view pairs only, from embeddings ``[N, d]``."""
-    labels = np.array([i[0] for i in info])
-    types = np.array([i[1] for i in info])
-    views = np.array([i[2] for i in info])
-    d = torch.cdist(emb, emb).numpy()
-    out = {}
-    for cond, probe_types in PROBE_TYPES.items():
-        accs = []
-        for pv in sorted(set(views)):
-            for gv in sorted(set(views)):
-                if pv == gv:
-                    continue
-                p = np.isin(types, probe_types) & (views == pv)
-                g = np.isin(types, GALLERY_TYPES) & (views == gv)
-                if p.sum() == 0 or g.sum() == 0:
-                    continue
-                nearest = np.argmin(d[np.ix_(p, g)], 1)
-                accs.append(float((labels[g][nearest] == labels[p]).mean()))
-        out[cond] = 100.0 * float(np.mean(accs)) if accs else float("nan")
-    return out
+    """CASIA-B rank-1 (%) per probe condition and their mean, cross-view pairs only, from embeddings
+    ``[N, d]`` (Euclidean distance); a condition without probes is NaN."""
+    ids, types, views = zip(*info)
+    res = casia_b_protocol(emb[:, :, None], ids, types, views)["rank1"]
+    return {**{c: res.get(c, float("nan")) for c in PROBE_TYPES}, "mean": res["mean"]}
 
 
 def probe(root: os.PathLike, partition: Optional[os.PathLike] = None, epochs: int = 30, seed: int = 0,
@@ -92,6 +79,4 @@ def probe(root: os.PathLike, partition: Optional[os.PathLike] = None, epochs: in
     body.eval()
     with torch.no_grad():
         emb = nn.functional.normalize(body(xte), dim=1)
-    res = rank1(emb, ite)
-    res["mean"] = float(np.mean([res[c] for c in PROBE_TYPES]))
-    return res
+    return rank1(emb, ite)
