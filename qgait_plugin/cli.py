@@ -28,7 +28,10 @@ COMMANDS: Tuple[Tuple[str, str, str], ...] = (
     ("opengait", "qgait_plugin.opengait.cli", "run OpenGait training/testing with the QGait plugin registered"),
     ("patch", "qgait_plugin.opengait.patching", "make an OpenGait checkout's own main.py load the plugin"),
     ("compare", "qgait_plugin.opengait.compare", "table of rank-1/mAP, delta vs FP, size and bits of OpenGait runs"),
-    ("bench", "qgait_plugin.bench.cli", "benchmarks: training overhead, exported size and latency"),
+    ("bench", "qgait_plugin.bench.cli",
+     "benchmarks: method accuracy (and tuning), training overhead, exported size and latency"),
+    ("diagnose", "qgait_plugin.bench.diagnose",
+     "how far small silhouette changes move each layer of FP, LSQ and QGait models"),
 )
 
 

@@ -22,6 +22,8 @@ from .spec import FP_BITS, QuantizerSpec, check_alpha, check_bits, check_roundin
 IDD_CRITERIA = ("smooth_l1", "l1", "l2")
 #: What trains in QAT: every parameter, or only quantizer steps and BatchNorm (``quant.idd.params``).
 IDD_PARAMS = ("all", "quantizers")
+#: When IDD acts: from the first QAT iteration, or only in the soft phase (``quant.idd.phase``).
+IDD_PHASES = ("all", "soft")
 LAST_LAYER_POLICIES = ("same", "8", "fp")
 #: ``quant.act.signed`` as written -> the quantizer's ``signed`` (``None``: decide on the first batch).
 _SIGNED = {"auto": None, None: None, "true": True, True: True, "false": False, False: False}
@@ -202,25 +204,60 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class IDDConfig:
-    """Inter-class distance-guided distillation: loss weight, criterion and which parameters train."""
+    """Inter-class distance-guided distillation: loss weight, criterion, when it acts and which parameters train.
+
+    ``phase: all`` adds the loss from the first QAT iteration; ``phase: soft`` only once the
+    schedule has switched to the soft quantizer (phase 2).
+    """
 
     enabled: bool = False
     weight: float = 1.0
     criterion: str = "smooth_l1"
     params: str = "all"
+    phase: str = "all"
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant.idd") -> IDDConfig:
         present = d is not None
-        d = _check_keys(d, path, ("enabled", "weight", "criterion", "params"))
+        d = _check_keys(d, path, ("enabled", "weight", "criterion", "params", "phase"))
         weight = _get(d, "weight", path, (float, int), 1.0)
         _positive(weight, f"{path}.weight", allow_zero=True)
         return cls(enabled=_get(d, "enabled", path, (bool,), present), weight=weight,
                    criterion=_choice(d, "criterion", path, IDD_CRITERIA, "smooth_l1"),
-                   params=_choice(d, "params", path, IDD_PARAMS, "all"))
+                   params=_choice(d, "params", path, IDD_PARAMS, "all"),
+                   phase=_choice(d, "phase", path, IDD_PHASES, "all"))
 
 
-QUANT_KEYS = ("weight", "act", "overrides", "init_from", "first_layer_act", "last_layer", "rounding", "schedule", "idd")
+@dataclass(frozen=True)
+class KDConfig:
+    """Plain embedding distillation: ``weight * mean((S - T)^2)`` against the same frozen FP teacher.
+
+    The control for IDD: it pulls every embedding toward the teacher's, where IDD only keeps the
+    relative distances between people. Off unless the section is given.
+    """
+
+    enabled: bool = False
+    weight: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.kd") -> KDConfig:
+        present = d is not None
+        d = _check_keys(d, path, ("enabled", "weight"))
+        weight = _get(d, "weight", path, (float, int), 1.0)
+        _positive(weight, f"{path}.weight", allow_zero=True)
+        return cls(enabled=_get(d, "enabled", path, (bool,), present), weight=weight)
+
+
+def _step_lr_scale(d: Mapping[str, Any], path: str) -> float:
+    v = float(_get(d, "step_lr_scale", path, (float, int), 1.0))
+    if not 0 < v <= 1e3:
+        raise ConfigError(f"{path}.step_lr_scale: {v!r} is out of range (0, 1000]; it multiplies the learning "
+                          "rate of the quantizer step sizes")
+    return v
+
+
+QUANT_KEYS = ("weight", "act", "overrides", "init_from", "first_layer_act", "last_layer", "rounding", "schedule",
+              "idd", "kd", "step_lr_scale")
 
 
 @dataclass(frozen=True)
@@ -242,6 +279,8 @@ class QuantConfig:
     rounding: str = "ste"
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     idd: IDDConfig = field(default_factory=IDDConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    step_lr_scale: float = 1.0
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant") -> QuantConfig:
@@ -264,6 +303,8 @@ class QuantConfig:
             rounding=check_rounding(d.get("rounding", "ste"), f"{path}.rounding"),
             schedule=ScheduleConfig.from_dict(d.get("schedule"), f"{path}.schedule"),
             idd=IDDConfig.from_dict(d.get("idd"), f"{path}.idd"),
+            kd=KDConfig.from_dict(d.get("kd"), f"{path}.kd"),
+            step_lr_scale=_step_lr_scale(d, path),
         )
 
     def to_dict(self) -> Dict[str, Any]:

@@ -1,5 +1,7 @@
 """IDD (inter-class distance-guided distillation): the loss, and the part-wise distances it is built on.
 
+Also :class:`EmbeddingKDLoss`, plain embedding distillation, the control IDD is compared against.
+
 After phase 1 (LSQ with STE) the embeddings of different people move relative to each other
 compared with the full-precision network, and that costs retrieval accuracy. IDD pulls the
 student's *relative* inter-class distances back to those of the FP teacher
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import IDD_CRITERIA, IDDConfig, QuantConfig
+from .config import IDD_CRITERIA, IDDConfig, KDConfig, QuantConfig
 
 #: Smallest normaliser (mean inter-class distance) divided by; keeps a collapsed batch finite.
 _NORM_EPS = 1e-8
@@ -131,3 +133,36 @@ class IDDLoss(nn.Module):
                     "rel_gap": ((rel_s.detach() - rel_t).abs() * mask).sum() / denom,
                     "pair_fraction": pairs / max(1, n * (n - 1))}
         return loss, info
+
+
+class EmbeddingKDLoss(nn.Module):
+    """Plain embedding distillation: ``weight * mean((S - T)^2)`` over every element of ``[n, c, p]``.
+
+    The baseline that separates IDD from distillation in general: it asks each embedding to sit
+    where the teacher's does, instead of only keeping the teacher's relative distances between
+    people. ``loss, info = kd(student, teacher)``; the teacher is a constant target.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        if not weight >= 0:
+            raise ValueError(f"EmbeddingKDLoss weight must be >= 0, got {weight!r}")
+        self.weight = float(weight)
+
+    @classmethod
+    def from_config(cls, config: Any) -> EmbeddingKDLoss:
+        """From a :class:`~qgait_plugin.config.QuantConfig`, its ``kd`` part or the ``quant:`` dict."""
+        kd = config if isinstance(config, KDConfig) else QuantConfig.from_dict(config).kd
+        return cls(weight=kd.weight)
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight:g}"
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if student.shape != teacher.shape:
+            raise ValueError(f"EmbeddingKDLoss: student embeddings {tuple(student.shape)} and teacher embeddings "
+                             f"{tuple(teacher.shape)} must have the same shape")
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            mse = F.mse_loss(student.float(), teacher.detach().float().to(student.device))
+            loss = self.weight * mse
+        return loss, {"loss": loss.detach(), "mse": mse.detach()}

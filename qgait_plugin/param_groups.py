@@ -21,7 +21,8 @@ class ParamGroups(list):
     frozen: List[str]
 
 
-def qat_param_groups(model: nn.Module, train: str = "all", step_weight_decay: Optional[float] = 0.0) -> ParamGroups:
+def qat_param_groups(model: nn.Module, train: str = "all", step_weight_decay: Optional[float] = 0.0,
+                     step_lr: Optional[float] = None) -> ParamGroups:
     """Parameter groups for ``torch.optim`` in a QAT run (plain LSQ, QGait, with or without IDD).
 
     ``train`` is what trains (``quant.idd.params`` when IDD is on, ``all`` otherwise):
@@ -35,6 +36,9 @@ def qat_param_groups(model: nn.Module, train: str = "all", step_weight_decay: Op
     Groups are named (``quantizer_steps``, ``bn``, ``weights``); empty groups are left out. The step
     group gets ``weight_decay=step_weight_decay`` (0 by default: decay would shrink the steps and
     clip more, and a step is not a weight to regularise; ``None`` keeps the optimizer's default).
+    ``step_lr`` gives the step group its own learning rate (``quant.step_lr_scale`` times the
+    optimizer's): adaptive optimizers move every parameter by about the learning rate per step,
+    which for an 8-bit step of 1e-3 is a large fraction of its value.
     The returned list's ``frozen`` attribute names the parameters frozen here.
     """
     if train not in IDD_PARAMS:
@@ -72,5 +76,7 @@ def qat_param_groups(model: nn.Module, train: str = "all", step_weight_decay: Op
         g: Dict[str, Any] = {"name": "quantizer_steps", "params": steps}
         if step_weight_decay is not None:
             g["weight_decay"] = float(step_weight_decay)
+        if step_lr is not None:
+            g["lr"] = float(step_lr)
         groups.append(g)
     return groups

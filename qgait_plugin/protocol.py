@@ -43,13 +43,18 @@ def _average_precision(match: np.ndarray) -> float:
 
 
 def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str], views: Sequence[str],
-                     metric: str = "euc") -> Dict[str, Any]:
+                     metric: str = "euc", per_subject: bool = False) -> Dict[str, Any]:
     """Rank-1 per condition (identical views excluded), their mean, per-view rank-1 and mAP.
 
     ``emb`` is ``[n, c, p]`` (``p`` parts; a plain embedding is ``[n, c, 1]``). Returns
     ``{"rank1": {NM, BG, CL, mean}, "rank1_per_view": {cond: {view: value}}, "mAP": float,
     "mAP_per_condition": {...}}``; accuracies in percent. Pairs with no probe or no gallery sequence
     are skipped (generated sets may lack some views or types), and so is a condition with no pair.
+
+    ``per_subject`` adds ``"rank1_per_subject": {cond: {id: percent}}``: each probe subject's share
+    of correct rank-1 matches over all its (probe view, gallery view) pairs of that condition. When
+    every subject has the same probes (a complete set), their mean is the condition's rank-1; paired
+    comparisons between two models use these per-subject values.
     """
     ids_a, types_a, views_a = np.asarray(ids), np.asarray(types), np.asarray(views)
     dist = distance(emb, emb, metric).numpy()
@@ -58,6 +63,7 @@ def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str]
     rank1: Dict[str, float] = {}
     per_view: Dict[str, Dict[str, float]] = {}
     maps: Dict[str, float] = {}
+    subj_hits: Dict[str, Dict[str, List[float]]] = {}
     for cond, ptypes in PROBE_TYPES.items():
         probe_type = np.isin(types_a, ptypes)
         view_acc, view_ap = {}, []
@@ -77,6 +83,10 @@ def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str]
                 order = np.argsort(d, axis=1, kind="stable")
                 match = ids_a[gmask][order] == ids_a[pmask][:, None]
                 accs.append(float(match[:, 0].mean()))
+                if per_subject:
+                    hits = subj_hits.setdefault(cond, {})
+                    for sid, hit in zip(ids_a[pmask], match[:, 0]):
+                        hits.setdefault(str(sid), []).append(float(hit))
                 aps.append(float(np.nanmean([_average_precision(m) for m in match])) if match.any() else 0.0)
             if accs:
                 view_acc[pv] = float(np.mean(accs) * 100)
@@ -90,5 +100,9 @@ def casia_b_protocol(emb: torch.Tensor, ids: Sequence[str], types: Sequence[str]
                         f"{GALLERY_TYPES} and probes {PROBE_TYPES}, got {sorted(set(types))}")
     present = [rank1[c] for c in PROBE_TYPES if c in rank1]
     rank1["mean"] = float(np.mean(present))
-    return {"rank1": rank1, "rank1_per_view": per_view, "mAP": float(np.mean(list(maps.values()))),
-            "mAP_per_condition": maps}
+    out: Dict[str, Any] = {"rank1": rank1, "rank1_per_view": per_view, "mAP": float(np.mean(list(maps.values()))),
+                           "mAP_per_condition": maps}
+    if per_subject:
+        out["rank1_per_subject"] = {c: {sid: 100.0 * float(np.mean(h)) for sid, h in sorted(d.items())}
+                                    for c, d in subj_hits.items()}
+    return out

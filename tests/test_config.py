@@ -76,6 +76,11 @@ BAD = [
     ({"init_from": 3}, r"quant\.init_from: expected str, got int 3"),
     ("w4a4", r"quant: expected a mapping"),
     ({"act": {"signed": "maybe"}}, r"quant\.act\.signed: 'maybe' is not allowed"),
+    ({"idd": {"phase": "ste"}}, r"quant\.idd\.phase: 'ste' is not allowed; choose one of \['all', 'soft'\]"),
+    ({"kd": {"weight": -2}}, r"quant\.kd\.weight: -2\.0 must be >= 0"),
+    ({"kd": {"wieght": 2}}, r"quant\.kd\.wieght: unknown key \(did you mean 'weight'\?\)"),
+    ({"step_lr_scale": 0}, r"quant\.step_lr_scale: 0\.0 is out of range"),
+    ({"step_lr_scale": "fast"}, r"quant\.step_lr_scale: expected float or int, got str"),
 ]
 
 
@@ -87,3 +92,12 @@ def test_bad_input_names_the_key(section, message):
 
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_kd_idd_phase_and_step_lr_scale():
+    q = QuantConfig.from_dict({"kd": {"weight": 5}, "idd": {"phase": "soft"}, "step_lr_scale": 0.1})
+    assert q.kd.enabled and q.kd.weight == 5.0 and q.idd.enabled and q.idd.phase == "soft"
+    assert q.step_lr_scale == 0.1
+    assert QuantConfig.from_dict(q.to_dict()) == q
+    d = QuantConfig.from_dict({})
+    assert not d.kd.enabled and d.idd.phase == "all" and d.step_lr_scale == 1.0

@@ -37,6 +37,12 @@ def test_rank1_per_condition_hand_computed():
     assert r["CL"] == pytest.approx(50.0)                          # view 000: 0, view 090: 1
     assert r["mean"] == pytest.approx((100 + (200 / 3 + 100) / 2 + 50) / 3)
     assert res["rank1_per_view"]["CL"] == {"000": pytest.approx(0.0), "090": pytest.approx(100.0)}
+    assert "rank1_per_subject" not in res
+    per = casia_b_protocol(_emb(vals), ids, types, views, per_subject=True)["rank1_per_subject"]
+    assert per["BG"] == {"0": pytest.approx(50.0), "1": pytest.approx(100.0), "2": pytest.approx(100.0)}
+    assert per["CL"] == {str(i): pytest.approx(50.0) for i in range(3)}
+    for cond in ("NM", "BG", "CL"):   # a complete set: the subjects' mean is the condition's rank-1
+        assert sum(per[cond].values()) / 3 == pytest.approx(r[cond])
 
 
 def test_identical_views_are_excluded_and_map():

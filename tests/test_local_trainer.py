@@ -14,7 +14,7 @@ from qgait_plugin.local.trainer import Trainer
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    part = write_random_dataset(str(root), subjects=6, train=4, views=("000", "090"), frames=6)
+    part = write_random_dataset(str(root), subjects=8, train=4, views=("000", "090"), frames=6, val=2)
     return str(root), part
 
 
@@ -80,3 +80,46 @@ def test_init_from_a_different_model_is_rejected(data, tmp_path):
     q = {"weight": {"bits": 8}, "act": {"bits": 8}, "init_from": path}
     with pytest.raises(ConfigError, match="init_from"):
         Trainer(_cfg(data, tmp_path, save_name="bad", quant=q), progress=False).train()
+
+
+def test_validation_curve_kd_and_idd_phase(data, tmp_path):
+    """val_iter records VAL_SET results; KD acts every iteration; IDD with phase: soft only after the switch."""
+    fp = Trainer(_cfg(data, tmp_path, total_iter=2, save_name="fp"), progress=False).train()
+    q = {"weight": {"bits": 4}, "act": {"bits": 4}, "init_from": fp["checkpoint"],
+         "schedule": {"ste_iters": 2, "soft_iters": 2, "lr_scale": 1.0}, "idd": {"phase": "soft", "weight": 2.0},
+         "kd": {"weight": 3.0}, "step_lr_scale": 0.01}
+    tr = Trainer(_cfg(data, tmp_path, total_iter=4, save_name="q", val_iter=2, quant=q), progress=False)
+    out = tr.train()
+    assert [v["iteration"] for v in out["val_history"]] == [2, 4]
+    assert all("kd" in h for h in out["history"])
+    assert ["idd" in h for h in out["history"]] == [False, False, True, True]
+    assert tr.optimizer is not None
+    groups = {g["name"]: g["lr"] for g in tr.optimizer.param_groups}
+    assert groups["quantizer_steps"] == pytest.approx(0.01 * groups["weights"])
+    val = tr.evaluate(split="VAL_SET")
+    test = tr.evaluate()
+    assert set(val["ids"]) == {"005", "006"} and set(test["ids"]) == {"007", "008"}   # disjoint splits
+    assert set(test["rank1_per_subject"]["NM"]) == {"007", "008"}
+    # the validation curve survives a checkpoint round trip
+    again = Trainer(_cfg(data, tmp_path, total_iter=4, save_name="q", val_iter=2, restore_hint=4, quant=q),
+                    progress=False)
+    again._setup_training()
+    assert again.val_history == out["val_history"]
+
+
+def test_soft_forward_only_while_training(data, tmp_path):
+    """DSQ's soft forward is a training relaxation: in eval mode the model is the hard-rounded one."""
+    fp = Trainer(_cfg(data, tmp_path, total_iter=1, save_name="fp2"), progress=False).train()
+    q = {"weight": {"bits": 3}, "act": {"bits": 3}, "init_from": fp["checkpoint"],
+         "schedule": {"ste_iters": 0, "soft_iters": 2, "soft": {"soft_forward": True}}}
+    tr = Trainer(_cfg(data, tmp_path, total_iter=2, save_name="dsq", quant=q), progress=False)
+    tr.train()
+    from qgait_plugin.quant.convert import iter_quantizers
+
+    x = torch.rand(2, 3, 16, 11)
+    tr.model.eval()
+    soft = tr.model(x)["embeddings"]
+    for _, qz in iter_quantizers(tr.model):
+        qz.soft_forward = False
+    hard = tr.model(x)["embeddings"]
+    assert torch.equal(soft, hard)

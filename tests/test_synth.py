@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from qgait_plugin.errors import ConfigError
 from qgait_plugin.layout import CASIA_B_TYPES, CASIA_B_VIEWS
 from qgait_plugin.synth import QUICK, generate_dataset, pretreat
 from qgait_plugin.synth.render import rasterize
@@ -130,3 +131,19 @@ def test_bad_arguments_name_the_value(tmp_path):
     with pytest.raises(ValueError, match="200"):
         generate_dataset(tmp_path, subjects=3, views=(200,), progress=False)
     assert CASIA_B_VIEWS == tuple(range(0, 181, 18)) and len(CASIA_B_TYPES) == 10
+
+
+def test_validation_split_is_disjoint(tmp_path):
+    from qgait_plugin.layout import read_partition
+    from qgait_plugin.synth.generate import default_split
+
+    train, val, test = default_split(20, val_subjects=5, train_subjects=9)
+    assert (len(train), len(val), len(test)) == (9, 5, 6)
+    assert not (set(train) & set(val) or set(val) & set(test) or set(train) & set(test))
+    assert default_split(10)[1] == []                       # no VAL_SET unless asked for
+    part = generate_dataset(tmp_path, subjects=5, frames=2, views=(0,), types=("nm-01", "nm-05"), val_subjects=1,
+                            train_subjects=2, progress=False)
+    p = read_partition(part)
+    assert (p["TRAIN_SET"], p["VAL_SET"], p["TEST_SET"]) == (["001", "002"], ["003"], ["004", "005"])
+    with pytest.raises(ConfigError, match="train_subjects: 9 must be in 1..3"):
+        default_split(5, val_subjects=1, train_subjects=9)

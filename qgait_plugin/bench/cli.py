@@ -11,6 +11,9 @@ import importlib
 #: benchmark -> (module, help); each module has add_arguments(parser) and run(args), as commands do
 BENCHES = {
     "overhead": ("qgait_plugin.bench.overhead", "forward+backward time of W8A8/W4A4 (STE, soft) vs FP32"),
+    "accuracy": ("qgait_plugin.bench.accuracy",
+                 "QAT methods (LSQ, QGait and ablations) by bit width and seed, paired intervals vs LSQ"),
+    "tune": ("qgait_plugin.bench.tune", "search QGait's knobs on the validation subjects (never the test ones)"),
     "export": ("qgait_plugin.bench.export_speed",
                "ONNX file size and onnxruntime latency: FP32 vs W8A8/W4A4 integer weights"),
 }

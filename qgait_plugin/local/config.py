@@ -51,6 +51,7 @@ DEFAULTS: Dict[str, Any] = {
         "total_iter": 300,
         "save_iter": 100,
         "log_iter": 25,
+        "val_iter": 0,
         "restore_hint": 0,
         "restore_ckpt_strict": True,
         "with_test": False,
@@ -182,7 +183,7 @@ def _validate(cfg: Dict[str, Any], src: str) -> None:
     if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
         raise ConfigError(f"{src}: data_cfg.resolution: expected [height, width] after cutting, e.g. [64, 44] "
                           f"or [32, 22], got {res!r}")
-    for key in ("total_iter", "save_iter", "log_iter", "seed", "num_threads"):
+    for key in ("total_iter", "save_iter", "log_iter", "val_iter", "seed", "num_threads"):
         v = cfg["trainer_cfg"][key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"{src}: trainer_cfg.{key}: expected an int >= 0, got {v!r}")

@@ -15,8 +15,10 @@ from ..layout import CASIA_B_TYPES, PARTITION_NAME, subject_id, write_partition,
 
 
 def write_random_dataset(root: str, subjects: int = 6, views: Sequence[str] = ("000", "090"), frames: int = 8,
-                         train: int = 3, seed: int = 0, types: Sequence[str] = CASIA_B_TYPES) -> str:
-    """Write ``root/<id>/<type>/<view>/<view>.pkl`` (uint8 ``[frames, 64, 64]``); return the partition path."""
+                         train: int = 3, seed: int = 0, types: Sequence[str] = CASIA_B_TYPES, val: int = 0) -> str:
+    """Write ``root/<id>/<type>/<view>/<view>.pkl`` (uint8 ``[frames, 64, 64]``); return the partition path.
+
+    The first ``train`` ids train, the next ``val`` form a ``VAL_SET``, the rest test."""
     rng = np.random.default_rng(seed)
     ids = [subject_id(i) for i in range(1, subjects + 1)]
     for sid in ids:
@@ -25,4 +27,5 @@ def write_random_dataset(root: str, subjects: int = 6, views: Sequence[str] = ("
             for view in views:
                 noise = rng.random((frames, 64, 64)) > 0.9
                 write_sequence(root, sid, typ, view, ((base[None] ^ noise) * 255).astype(np.uint8))
-    return str(write_partition(os.path.join(root, PARTITION_NAME), ids[:train], ids[train:]))
+    extra = {"VAL_SET": ids[train:train + val]} if val else None
+    return str(write_partition(os.path.join(root, PARTITION_NAME), ids[:train], ids[train + val:], extra=extra))

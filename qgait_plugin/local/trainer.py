@@ -29,7 +29,7 @@ from .losses import build_losses
 from .model import build_model
 
 if TYPE_CHECKING:
-    from ..distill import IDDLoss
+    from ..distill import EmbeddingKDLoss, IDDLoss
     from ..schedule import QGaitSchedule
     from ..teacher import FrozenTeacher
 
@@ -92,6 +92,9 @@ class Trainer:
         self.schedule: Optional[QGaitSchedule] = None
         self.teacher: Optional[FrozenTeacher] = None
         self.idd: Optional[IDDLoss] = None
+        self.kd: Optional[EmbeddingKDLoss] = None
+        #: validation results recorded during training (``trainer_cfg.val_iter``)
+        self.val_history: List[Dict[str, Any]] = []
 
     # -- training setup ---------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -99,30 +102,35 @@ class Trainer:
         self.losses = build_losses(loss_terms(cfg))
         self.teacher = None
         self.idd = None
+        self.kd = None
         self.schedule = None
         if self.quant is not None and t["restore_hint"] in (0, None):
             if not self.quant.init_from:
                 raise ConfigError("quant.init_from: QAT starts from a full-precision checkpoint; give its path")
             self.fp_state = load_fp_weights(self.model, self.quant.init_from)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        o = dict(cfg["optimizer_cfg"])
         if self.quant is not None:
-            from ..distill import IDDLoss
+            from ..distill import EmbeddingKDLoss, IDDLoss
             from ..param_groups import qat_param_groups
             from ..schedule import QGaitSchedule
             from ..teacher import make_teacher
 
             self.schedule = QGaitSchedule.from_config(self.quant)
-            if self.quant.idd.enabled:
+            if self.quant.idd.enabled or self.quant.kd.enabled:
                 if self.fp_state is None:
                     self.fp_state = unwrap_state_dict(read_checkpoint(self.quant.init_from, "quant.init_from"),
                                                       set(self.model.state_dict()))
                 self.teacher = make_teacher(self.model, self.fp_state)
                 self.teacher.to(self.device)
+            if self.quant.idd.enabled:
                 self.idd = IDDLoss(weight=self.quant.idd.weight, criterion=self.quant.idd.criterion)
+            if self.quant.kd.enabled:
+                self.kd = EmbeddingKDLoss(weight=self.quant.kd.weight)
             # step sizes in their own group without weight decay, for LSQ and QGait alike; idd.params
             # (all | quantizers) only applies when IDD is on
-            params = qat_param_groups(self.model, self.quant.idd.params if self.quant.idd.enabled else "all")
-        o = dict(cfg["optimizer_cfg"])
+            params = qat_param_groups(self.model, self.quant.idd.params if self.quant.idd.enabled else "all",
+                                      step_lr=o["lr"] * self.quant.step_lr_scale)
         solver = o.pop("solver")
         kw = {"lr": o["lr"], "weight_decay": o.get("weight_decay", 0.0)}
         if solver == "SGD":
@@ -154,6 +162,7 @@ class Trainer:
     def state_dict(self) -> Dict[str, Any]:
         """The checkpoint: tensors and plain data only (read back with ``weights_only=True``)."""
         st = {"model": self.model.state_dict(), "iteration": self.iteration, "history": self.history,
+              "val_history": self.val_history,
               "train_seconds": self.train_seconds, "rng": self.rng.getstate()}
         if self.optimizer is not None and self.scheduler is not None:
             st.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
@@ -218,13 +227,17 @@ class Trainer:
                                           "the config the checkpoint was trained with") from None
             self.iteration = int(ck.get("iteration", 0))
             self.history = list(ck.get("history", []))
+            self.val_history = list(ck.get("val_history", []))
             self.train_seconds = float(ck.get("train_seconds", 0.0))
             if "rng" in ck:
                 self.rng.setstate(ck["rng"])
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
-        """Train to ``total_iter``; returns ``{"iteration", "train_seconds", "history", "checkpoint"}``."""
+        """Train to ``total_iter``.
+
+        Returns ``{"iteration", "train_seconds", "history", "val_history", "checkpoint"}``.
+        """
         from tqdm import tqdm
 
         if self.optimizer is None:
@@ -233,6 +246,7 @@ class Trainer:
         assert optimizer is not None and scheduler is not None  # made by _setup_training
         t = self.cfg["trainer_cfg"]
         total, save_iter, log_iter = t["total_iter"], t["save_iter"], max(1, t["log_iter"])
+        val_iter = int(t.get("val_iter") or 0)
         frames = t["sampler"]["frames_num_fixed"]
         seqs = self.train_seqs()
         self.model.train()
@@ -253,12 +267,17 @@ class Trainer:
                 total_loss = total_loss + w * loss
                 rec[prefix] = float(loss.detach())
                 rec.update(info)
-            if self.teacher is not None and self.idd is not None:
+            if self.teacher is not None:
                 with torch.no_grad():
                     t_emb = self.teacher(sils)["embeddings"]
-                idd_loss, _ = self.idd(out["embeddings"], t_emb, labels)
-                total_loss = total_loss + idd_loss
-                rec["idd"] = float(idd_loss.detach())
+                if self.idd is not None and self._idd_active():
+                    idd_loss, _ = self.idd(out["embeddings"], t_emb, labels)
+                    total_loss = total_loss + idd_loss
+                    rec["idd"] = float(idd_loss.detach())
+                if self.kd is not None:
+                    kd_loss, _ = self.kd(out["embeddings"], t_emb)
+                    total_loss = total_loss + kd_loss
+                    rec["kd"] = float(kd_loss.detach())
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             optimizer.step()
@@ -271,26 +290,48 @@ class Trainer:
             bar.update(1)
             if self.iteration % log_iter == 0 or self.iteration == total:
                 bar.set_postfix(loss=f"{float(total_loss.detach()):.3f}", lr=f"{lr:.2e}")
+            if val_iter and (self.iteration % val_iter == 0 or self.iteration == total):
+                self._validate()
             if (save_iter and self.iteration % save_iter == 0) or self.iteration == total:
                 last = self.save()
         bar.close()
         if last is None and self.iteration > 0:
             last = self.save()
         return {"iteration": self.iteration, "train_seconds": self.train_seconds, "history": self.history,
-                "checkpoint": last}
+                "val_history": self.val_history, "checkpoint": last}
+
+    def _idd_active(self) -> bool:
+        """IDD acts from the start (``quant.idd.phase: all``) or once the soft phase has begun."""
+        assert self.quant is not None
+        if self.quant.idd.phase == "all" or self.schedule is None:
+            return True
+        return self.schedule.phase(self.iteration) == "soft"
+
+    def _validate(self) -> None:
+        """Evaluate on VAL_SET (``trainer_cfg.val_iter``), record it, and go back to training mode."""
+        res = self.evaluate(split="VAL_SET")
+        self.val_history.append({"iteration": self.iteration, "rank1": res["rank1"], "mAP": res["mAP"]})
+        self.model.train()
 
     # -- evaluation --------------------------------------------------------------------------
-    def evaluate(self, restore: bool = False) -> Dict[str, Any]:
-        """CASIA-B protocol on TEST_SET; with ``restore`` load ``evaluator_cfg.restore_hint`` first."""
+    def evaluate(self, restore: bool = False, split: str = "TEST_SET") -> Dict[str, Any]:
+        """CASIA-B protocol on ``split`` (TEST_SET, or VAL_SET for model selection); with ``restore``
+        load ``evaluator_cfg.restore_hint`` first.
+
+        Besides the protocol's figures the result holds ``embeddings``, ``ids`` and
+        ``rank1_per_subject`` (per condition, each test subject's share of correct rank-1 matches),
+        which paired comparisons between methods are built on.
+        """
         e = self.cfg["evaluator_cfg"]
         if restore:
             self.restore(e["restore_hint"], strict=e.get("restore_ckpt_strict", True), save_name=e.get("save_name"),
                          source="evaluator_cfg.restore_hint")
-        test = load_split(self.cfg["data_cfg"], "TEST_SET", progress=self.progress)
-        emb = extract_embeddings(self.model, test, self.device, e["sampler"].get("frames_all_limit", 0),
-                                 desc=f"eval {self.save_name}", progress=self.progress)
-        res = casia_b_protocol(emb, [s.sid for s in test], [s.type for s in test], [s.view for s in test],
-                               metric=e["metric"])
+        seqs = load_split(self.cfg["data_cfg"], split, progress=self.progress)
+        emb = extract_embeddings(self.model, seqs, self.device, e["sampler"].get("frames_all_limit", 0),
+                                 desc=f"eval {self.save_name} {split}", progress=self.progress)
+        res = casia_b_protocol(emb, [s.sid for s in seqs], [s.type for s in seqs], [s.view for s in seqs],
+                               metric=e["metric"], per_subject=True)
         res["embeddings"] = emb
-        res["ids"] = [s.sid for s in test]
+        res["ids"] = [s.sid for s in seqs]
+        res["split"] = split
         return res

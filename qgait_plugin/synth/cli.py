@@ -24,6 +24,10 @@ def _str_list(text: str) -> List[str]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (the data set root)")
     p.add_argument("--subjects", type=int, default=None, help="number of subjects (default 50; --quick: 8)")
+    p.add_argument("--val-subjects", type=int, default=0,
+                   help="subjects for a VAL_SET (model selection/tuning), disjoint from train and test (default 0)")
+    p.add_argument("--train-subjects", type=int, default=None,
+                   help="training subjects (default: CASIA-B's 74/124 share of the non-validation ids)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--frames", type=int, default=None, help="frames per sequence (default 30; --quick: 12)")
     p.add_argument("--views", type=_int_list, default=None,
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             kw[name] = value
     t0 = time.time()
-    partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, **kw)
+    partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, val_subjects=args.val_subjects,
+                                 train_subjects=args.train_subjects, **kw)
     print(f"wrote {args.out} ({kw['subjects']} subjects) in {time.time() - t0:.1f} s; partition: {partition}")
     if args.probe:
         from .difficulty import probe

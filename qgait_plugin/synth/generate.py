@@ -143,13 +143,30 @@ def render_sequence(cfg: SynthConfig, subject: int, seq_type: str, view: int) ->
     return render_sequences(cfg, subject, seq_type, [view])[0]
 
 
-def default_split(n_subjects: int, train_fraction: float = 74 / 124) -> Tuple[List[str], List[str]]:
-    """CASIA-B's large-training (LT) split scaled: the first ~60 % of ids train, the rest test."""
-    if n_subjects < 2:
-        raise ConfigError(f"default_split: need at least 2 subjects (one to train, one to test), got {n_subjects}")
-    n_train = min(max(int(round(n_subjects * train_fraction)), 1), n_subjects - 1)
+def default_split(n_subjects: int, train_fraction: float = 74 / 124, val_subjects: int = 0,
+                  train_subjects: Optional[int] = None) -> Tuple[List[str], List[str], List[str]]:
+    """``(train, val, test)`` id lists: ids in order, training ids first, then validation, then test.
+
+    Without ``train_subjects`` the training share follows CASIA-B's large-training (LT) split
+    (74 of 124 subjects) applied to the ids left after the validation ones. Validation ids are
+    disjoint from both: they exist for model selection and tuning, so that the test ids are read
+    once per reported result.
+    """
+    if val_subjects < 0:
+        raise ConfigError(f"val_subjects: {val_subjects} must be >= 0")
+    rest = n_subjects - val_subjects
+    if rest < 2:
+        raise ConfigError(f"default_split: {n_subjects} subjects leave {rest} after {val_subjects} validation "
+                          "subjects; need at least one to train and one to test")
+    if train_subjects is None:
+        n_train = min(max(int(round(rest * train_fraction)), 1), rest - 1)
+    elif not 1 <= train_subjects <= rest - 1:
+        raise ConfigError(f"train_subjects: {train_subjects} must be in 1..{rest - 1} ({n_subjects} subjects, "
+                          f"{val_subjects} for validation, at least one to test)")
+    else:
+        n_train = train_subjects
     ids = [subject_id(i + 1) for i in range(n_subjects)]
-    return ids[:n_train], ids[n_train:]
+    return ids[:n_train], ids[n_train:n_train + val_subjects], ids[n_train + val_subjects:]
 
 
 def _subject_job(args: Tuple[SynthConfig, str, int]) -> int:
@@ -172,13 +189,17 @@ def _init_worker() -> None:
 def generate_dataset(out_dir: os.PathLike, subjects: int = 50, seed: int = 0, frames: int = 30,
                      views: Optional[Iterable[int]] = None, types: Optional[Iterable[str]] = None,
                      workers: int = 1, progress: bool = True, train_fraction: float = 74 / 124,
-                     **knobs: Any) -> Path:
+                     val_subjects: int = 0, train_subjects: Optional[int] = None, **knobs: Any) -> Path:
     """Generate the data set into ``out_dir`` and return the path of its partition JSON.
 
     ``knobs`` are further :class:`SynthConfig` fields (``spread``, ``style_jitter``, ``noise``,
     ...); ``noise`` may be a :class:`NoiseConfig`, a dict of its fields, or a number (its scale).
     ``workers`` > 1 renders subjects in that many processes; the bytes do not depend on it.
+    ``val_subjects`` > 0 adds a ``VAL_SET`` of that many subjects to the partition, disjoint from
+    ``TRAIN_SET`` and ``TEST_SET`` (OpenGait reads only the latter two and ignores it); see
+    :func:`default_split`.
     """
+    train, val, test = default_split(subjects, train_fraction, val_subjects, train_subjects)  # checked first
     noise = knobs.pop("noise", None)
     if isinstance(noise, (int, float)):
         noise = NoiseConfig(scale=float(noise))
@@ -210,5 +231,4 @@ def generate_dataset(out_dir: os.PathLike, subjects: int = 50, seed: int = 0, fr
             for _ in pool.imap_unordered(_subject_job, jobs):
                 bar.update(1)
     bar.close()
-    train, test = default_split(cfg.subjects, train_fraction)
-    return write_partition(out / PARTITION_NAME, train, test)
+    return write_partition(out / PARTITION_NAME, train, test, extra={"VAL_SET": val} if val else None)

@@ -1,0 +1,409 @@
+"""``qgait bench accuracy``: does QGait beat plain LSQ? A benchmark powered to tell.
+
+One run of the benchmark:
+
+1. generates a CASIA-B-shaped set with disjoint ``TRAIN_SET``, ``VAL_SET`` and ``TEST_SET``
+   subjects (cached by data seed and generator settings);
+2. trains the full-precision reference until its validation rank-1 plateaus (cached by data and
+   config, so every QAT run starts from the same checkpoint);
+3. runs every method of :mod:`qgait_plugin.bench.methods` at every bit width for every seed, from
+   that checkpoint, on the same budget, optimizer and learning-rate schedule, two runs at a time
+   (one thread each) with validation curves along the way;
+4. evaluates each final model once on ``TEST_SET`` and reports rank-1 per condition, mean and
+   mAP as mean and standard deviation over seeds, and each method's paired difference to ``lsq``
+   with a 95 % interval over seeds and test subjects (:mod:`qgait_plugin.bench.stats`).
+
+Tuning (``qgait bench tune``) uses the same machinery but reads ``VAL_SET`` only. Everything is
+driven by one YAML file (``configs/bench/accuracy.yaml``); ``--quick`` shrinks it to a smoke
+test for CI.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import ConfigError, InputNotFound
+from .methods import METHODS, quant_section, switch_iteration
+
+#: the sections and keys of the benchmark config (anything else is a typo, and an error)
+CONFIG_KEYS: Dict[str, Tuple[str, ...]] = {
+    "data": ("seed", "subjects", "train_subjects", "val_subjects", "frames", "views", "height", "width"),
+    "fp": ("host", "val_every", "patience", "min_delta", "lr_drops", "max_iter"),
+    "qat": ("iters", "seeds", "bits", "methods", "optimizer", "lr_drop", "val_every", "workers", "sampler",
+            "eval_frames"),
+    "qgait": ("split", "alpha", "alpha_end", "idd", "step_lr_scale"),
+    "kd": ("weight",),
+}
+
+#: ``--quick``: a smoke test of every method, bit width and seed in about a minute
+QUICK: Dict[str, Any] = {
+    "data": {"subjects": 12, "train_subjects": 6, "val_subjects": 3, "frames": 8, "views": [0, 90]},
+    "fp": {"val_every": 4, "patience": 1, "max_iter": 8, "lr_drops": 0},
+    "qat": {"iters": 2, "seeds": [0, 1], "val_every": 2, "sampler": {"batch_size": [3, 2], "frames_num_fixed": 3},
+            "eval_frames": 4},
+    # merged into every run's host config (the FP reference's too)
+    "host": {"model_cfg": {"channels": [4, 8, 8], "bin_num": [4], "SeparateFCs": {"out_channels": 8}},
+             "trainer_cfg": {"sampler": {"batch_size": [3, 2], "frames_num_fixed": 3}},
+             "evaluator_cfg": {"sampler": {"frames_all_limit": 4}}},
+}
+
+
+def default_config_path() -> Path:
+    """``configs/bench/accuracy.yaml`` of the source tree."""
+    p = Path(__file__).resolve().parents[2] / "configs" / "bench" / "accuracy.yaml"
+    if not p.is_file():
+        raise InputNotFound(f"{p}: benchmark config not found; pass --config FILE")
+    return p
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is a :class:`QGaitError` naming ``path``."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: {what} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
+def load_bench_config(path: Path, quick: bool = False) -> Dict[str, Any]:
+    """Read and check the benchmark YAML; ``quick`` merges :data:`QUICK` over it."""
+    from ..local.config import merge_dicts
+
+    cfg = read_yaml(path, "benchmark config")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {list(CONFIG_KEYS)}")
+    for sec, body in cfg.items():
+        if sec not in CONFIG_KEYS:
+            raise ConfigError(f"{path}: {sec}: unknown section; allowed: {list(CONFIG_KEYS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{path}: {sec}: expected a mapping, got {type(body).__name__}")
+        for k in body:
+            if k not in CONFIG_KEYS[sec]:
+                raise ConfigError(f"{path}: {sec}.{k}: unknown key; allowed: {list(CONFIG_KEYS[sec])}")
+    missing = [s for s in CONFIG_KEYS if s not in cfg]
+    if missing:
+        raise ConfigError(f"{path}: missing sections {missing}")
+    host_over: Dict[str, Any] = {}
+    if quick:
+        q = copy.deepcopy(QUICK)
+        host_over = q.pop("host")
+        cfg = merge_dicts(cfg, q)
+    cfg["_host_override"] = host_over
+    cfg["_path"] = str(path)
+    for m in cfg["qat"]["methods"]:
+        if m not in METHODS:
+            raise ConfigError(f"{path}: qat.methods: {m!r} is not one of {list(METHODS)}")
+    if "lsq" not in cfg["qat"]["methods"]:
+        raise ConfigError(f"{path}: qat.methods must include lsq (the baseline of every paired difference)")
+    if not cfg["qat"]["seeds"]:
+        raise ConfigError(f"{path}: qat.seeds: give at least one seed")
+    split = float(cfg["qgait"]["split"])
+    if not 0 < split < 1:
+        raise ConfigError(f"{path}: qgait.split: {split} must be in (0, 1): the share of the budget before the switch")
+    return cfg
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# data and the FP reference (both cached)
+
+
+def prepare_data(cfg: Mapping[str, Any], cache: Path, progress: bool = True) -> Path:
+    """Generate (or reuse) the benchmark set; returns its folder. Cached by the generator settings."""
+    from ..synth import generate_dataset
+
+    d = dict(cfg["data"])
+    folder = cache / f"data-seed{d['seed']}-{_digest(d)}"
+    part = folder / "partition.json"
+    if part.is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    generate_dataset(tmp, subjects=d["subjects"], seed=d["seed"], frames=d["frames"], views=d["views"],
+                     height=d.get("height", 64), width=d.get("width", 56), workers=2, progress=progress,
+                     val_subjects=d["val_subjects"], train_subjects=d["train_subjects"])
+    os.replace(tmp, folder)
+    return folder
+
+
+def host_config(cfg: Mapping[str, Any], data: Path, out_root: Path, save_name: str, seed: int,
+                extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The built-in host's config for one run: ``fp.host`` with paths, seed and ``extra`` merged in."""
+    from ..local.config import load_config, merge_dicts
+
+    host = Path(cfg["fp"]["host"])
+    if not host.is_absolute():
+        host = Path(cfg["_path"]).parent / host
+    over: Dict[str, Any] = {
+        "data_cfg": {"dataset_root": str(data), "dataset_partition": str(data / "partition.json")},
+        "trainer_cfg": {"output_root": str(out_root), "save_name": save_name, "seed": seed},
+    }
+    if cfg.get("_host_override"):
+        over = merge_dicts(over, cfg["_host_override"])
+    if extra:
+        over = merge_dicts(over, extra)
+    return load_config(str(host), overrides=over)
+
+
+def train_fp_reference(cfg: Mapping[str, Any], data: Path, cache: Path, progress: bool = True) -> Dict[str, Any]:
+    """Train FP until validation rank-1 plateaus; cached by data and config. Returns checkpoint and curve.
+
+    Every ``fp.val_every`` iterations the model is evaluated on ``VAL_SET``. When the mean rank-1
+    has not improved by ``fp.min_delta`` for ``fp.patience`` evaluations, the learning rate drops
+    x0.1 (up to ``fp.lr_drops`` times); the next plateau ends training (or ``fp.max_iter``).
+    """
+    from ..local.trainer import Trainer
+
+    fp = dict(cfg["fp"])
+    key = _digest({"data": cfg["data"], "fp": fp, "host_override": cfg.get("_host_override"),
+                   "host": Path(_host_path(cfg)).read_text()})
+    folder = cache / f"fp-{key}"
+    done = folder / "fp_reference.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        if Path(info["checkpoint"]).is_file():
+            return info
+    hc = host_config(cfg, data, folder / "output", "fp", int(cfg["data"]["seed"]),
+                     {"trainer_cfg": {"total_iter": 0, "save_iter": 0}})
+    tr = Trainer(hc, progress=progress)
+    curve: List[Dict[str, Any]] = []
+    best, stale, drops = -1.0, 0, 0
+    t0 = time.time()
+    ckpt = None
+    while tr.iteration < int(fp["max_iter"]):
+        tr.cfg["trainer_cfg"]["total_iter"] = min(tr.iteration + int(fp["val_every"]), int(fp["max_iter"]))
+        out = tr.train()
+        ckpt = out["checkpoint"]
+        res = tr.evaluate(split="VAL_SET")
+        tr.model.train()
+        hist = out["history"][-int(fp["val_every"]):]
+        loss = sum(h["loss"] for h in hist) / max(1, len(hist))
+        assert tr.optimizer is not None
+        lr = tr.optimizer.param_groups[0]["lr"]
+        curve.append({"iteration": tr.iteration, "val_rank1": res["rank1"], "val_mAP": res["mAP"], "loss": loss,
+                      "lr": lr})
+        if progress:
+            print(f"[fp] iteration {tr.iteration}: val rank-1 mean {res['rank1']['mean']:.1f}, loss {loss:.3f}, "
+                  f"lr {lr:.1e}", flush=True)
+        if res["rank1"]["mean"] > best + float(fp["min_delta"]):
+            best, stale = res["rank1"]["mean"], 0
+        else:
+            stale += 1
+        if stale >= int(fp["patience"]):
+            if drops >= int(fp["lr_drops"]):
+                break
+            drops, stale = drops + 1, 0
+            for g in tr.optimizer.param_groups:
+                g["lr"] *= 0.1
+    info = {"checkpoint": ckpt, "curve": curve, "iterations": tr.iteration, "seconds": time.time() - t0,
+            "plateaued": tr.iteration < int(fp["max_iter"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _host_path(cfg: Mapping[str, Any]) -> str:
+    host = Path(cfg["fp"]["host"])
+    return str(host if host.is_absolute() else Path(cfg["_path"]).parent / host)
+
+
+# --------------------------------------------------------------------------------------------
+# one QAT run (in a worker process)
+
+
+def qat_overrides(cfg: Mapping[str, Any], method: str, bits: int, fp_ckpt: str) -> Dict[str, Any]:
+    """Host-config overrides of one QAT run: budget, optimizer, the shared LR drop, sampler, ``quant:``."""
+    q = cfg["qat"]
+    iters = int(q["iters"])
+    over: Dict[str, Any] = {
+        "trainer_cfg": {"total_iter": iters, "save_iter": 0, "val_iter": int(q["val_every"]),
+                        "restore_hint": 0, "sampler": dict(q["sampler"])},
+        "optimizer_cfg": dict(q["optimizer"]),
+        "scheduler_cfg": {"scheduler": "MultiStepLR", "milestones": [switch_iteration(iters, cfg["qgait"])],
+                          "gamma": float(q["lr_drop"])},
+        "evaluator_cfg": {"sampler": {"frames_all_limit": int(q["eval_frames"])}},
+    }
+    quant = quant_section(method, bits, iters, cfg["qgait"], cfg["kd"])
+    if quant is not None:
+        quant["init_from"] = fp_ckpt
+        over["quant"] = quant
+    else:
+        over["trainer_cfg"]["restore_hint"] = fp_ckpt  # continue the FP model (weights only)
+    return over
+
+
+def run_name(method: str, bits: int, seed: int) -> str:
+    return f"{method}-w{bits}a{bits}-s{seed}" if method != "fp_continued" else f"{method}-s{seed}"
+
+
+def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
+    """Train one method/bits/seed and evaluate it once on ``job['final_split']``; returns a JSON-able record."""
+    import torch
+
+    from ..local.config import build_config
+    from ..local.trainer import Trainer
+
+    torch.set_num_threads(int(job["threads"]))
+    t0 = time.time()
+    hc = build_config(job["host_cfg"], src=job["name"])
+    tr = Trainer(hc, progress=False)
+    out = tr.train()
+    final = tr.evaluate(split=job["final_split"])
+    hist = out["history"]
+    keys = sorted({k for h in hist for k in h if isinstance(h[k], (int, float))})
+    return {
+        "name": job["name"], "method": job["method"], "bits": job["bits"], "seed": job["seed"],
+        "final_split": job["final_split"],
+        "rank1": final["rank1"], "mAP": final["mAP"], "rank1_per_subject": final["rank1_per_subject"],
+        "val_history": out["val_history"],
+        "history": {k: [h.get(k) for h in hist] for k in keys},
+        "train_seconds": out["train_seconds"], "wall_seconds": time.time() - t0,
+    }
+
+
+def plan_jobs(cfg: Mapping[str, Any], data: Path, out: Path, fp_ckpt: str, final_split: str,
+              methods: Optional[Sequence[str]] = None, bits_list: Optional[Sequence[int]] = None,
+              seeds: Optional[Sequence[int]] = None, threads: int = 1) -> List[Dict[str, Any]]:
+    """The job list (one per method, bit width and seed; ``fp_continued`` once per seed)."""
+    from ..local.config import merge_dicts
+
+    q = cfg["qat"]
+    methods = list(methods or q["methods"])
+    bits_list = list(bits_list or q["bits"])
+    seeds = list(seeds if seeds is not None else q["seeds"])
+    jobs = []
+    for seed in seeds:
+        for method in methods:
+            for bits in ([32] if method == "fp_continued" else bits_list):
+                name = run_name(method, bits, seed)
+                base = host_config(cfg, data, out / "output", name, seed)
+                over = qat_overrides(cfg, method, bits, fp_ckpt)
+                user = merge_dicts({k: v for k, v in base.items() if k != "quant"}, over)
+                jobs.append({"name": name, "method": method, "bits": bits, "seed": seed, "final_split": final_split,
+                             "threads": threads, "host_cfg": user})
+    return jobs
+
+
+def run_jobs(jobs: List[Dict[str, Any]], runs_dir: Path, workers: int, progress: bool = True,
+             tag: str = "runs") -> List[Dict[str, Any]]:
+    """Run ``jobs`` ``workers`` at a time (fresh processes, one thread each); a finished job whose
+    record is on disk with the same config is not run again (an interrupted benchmark resumes)."""
+    from tqdm import tqdm
+
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results: Dict[str, Dict[str, Any]] = {}
+    todo = []
+    for job in jobs:
+        digest = _digest(job["host_cfg"]) + job["final_split"]
+        path = runs_dir / f"{job['name']}.json"
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            if rec.get("digest") == digest:
+                results[job["name"]] = rec
+                continue
+        todo.append((job, digest, path))
+    bar = tqdm(total=len(jobs), initial=len(results), desc=tag, unit="run", disable=not progress, dynamic_ncols=True)
+    if todo:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, job): (job, digest, path) for job, digest, path in todo}
+            from concurrent.futures import as_completed
+
+            for fut in as_completed(futures):
+                job, digest, path = futures[fut]
+                rec = fut.result()
+                rec["digest"] = digest
+                path.write_text(json.dumps(rec))
+                results[job["name"]] = rec
+                bar.set_postfix_str(f"{job['name']}: {rec['rank1']['mean']:.1f}")
+                bar.update(1)
+    bar.close()
+    return [results[j["name"]] for j in jobs]
+
+
+# --------------------------------------------------------------------------------------------
+# the whole benchmark
+
+
+def run_benchmark(cfg: Dict[str, Any], out: Path, cache: Path, progress: bool = True,
+                  workers: Optional[int] = None) -> Dict[str, Any]:
+    """Data, FP reference, every QAT run, then the tables, JSON and plots in ``out``."""
+    from .accuracy_report import summarize, write_report
+
+    t0 = time.time()
+    timings: Dict[str, float] = {}
+    data = prepare_data(cfg, cache, progress)
+    timings["data"] = time.time() - t0
+    fp = train_fp_reference(cfg, data, cache, progress)
+    timings["fp_reference"] = time.time() - t0 - timings["data"]
+    jobs = plan_jobs(cfg, data, out, fp["checkpoint"], "TEST_SET")
+    records = run_jobs(jobs, out / "runs", workers or int(cfg["qat"]["workers"]), progress)
+    timings["qat_runs"] = time.time() - t0 - timings["data"] - timings["fp_reference"]
+    timings["total"] = time.time() - t0
+    summary = summarize(cfg, records)
+    meta = {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_file": cfg["_path"],
+            "quick": bool(cfg.get("_host_override")),
+            "data": str(data), "fp_reference": fp, "timings_seconds": timings, "machine": machine_info(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_report(out, summary, records, meta)
+    return {"summary": summary, "meta": meta}
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, core count and the torch version, for the report."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="benchmark YAML (default configs/bench/accuracy.yaml)")
+    p.add_argument("--out", default="runs/bench-accuracy", help="output folder (tables, JSON, plots, per-run records)")
+    p.add_argument("--cache", default="runs/bench-cache", help="cache folder for the generated set and FP reference")
+    p.add_argument("--data-seed", type=int, default=None, help="run on another generated set (data.seed)")
+    p.add_argument("--workers", type=int, default=None, help="runs in parallel (default qat.workers)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of every method, bit width, seed")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_bench_config(Path(args.config) if args.config else default_config_path(), quick=args.quick)
+    if args.data_seed is not None:
+        cfg["data"]["seed"] = int(args.data_seed)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a folder")
+    res = run_benchmark(cfg, out, Path(args.cache), progress=not args.no_progress, workers=args.workers)
+    print((out / "results.md").read_text())
+    t = res["meta"]["timings_seconds"]
+    print(f"[bench accuracy] wrote {out}/results.md, results.json, accuracy.png, paired.png, curves.png in "
+          f"{t['total'] / 60:.1f} min (data {t['data']:.0f} s, FP {t['fp_reference']:.0f} s, "
+          f"QAT {t['qat_runs']:.0f} s)")
+    return 0
