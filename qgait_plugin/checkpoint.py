@@ -107,6 +107,8 @@ def load_float_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
         res = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ConfigError(f"{source} does not fit {type(model).__name__}: {e}") from None
+    except ConfigError as e:  # a quantizer of another bit width (a QAT checkpoint of another config)
+        raise ConfigError(f"{source} does not fit {type(model).__name__}: {e}") from None
     quant_prefixes = tuple(f"{name}." for name, _ in iter_quantizers(model))
     missing = [k for k in res.missing_keys if not k.startswith(quant_prefixes)]
     if missing or res.unexpected_keys:
