@@ -100,7 +100,9 @@ class _FusedFakeQuant(torch.autograd.Function):
             else:
                 lead = gs_elem.dim() - s.dim()
                 dims = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(s.shape) if n == 1)
-                gs = gs_elem.sum(dim=dims, keepdim=True, dtype=torch.float32).reshape(s.shape)
+                # sum(dim=()) would reduce every dimension: a step shaped like x (one per element) sums nothing
+                gs = (gs_elem.sum(dim=dims, keepdim=True, dtype=torch.float32) if dims
+                      else gs_elem.to(torch.float32)).reshape(s.shape)
             gs = (gs * gscale).to(s.dtype)
         return gx, gs, None, None, None, None, None
 
