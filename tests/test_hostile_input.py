@@ -646,3 +646,79 @@ def test_case8_sigkill_during_save_leaves_a_temp_file_the_next_save_removes(tmp_
     done = subprocess.run([sys.executable, "-c", _NEXT_WRITER, str(tmp_path / "run-00020.pt")], env=env, timeout=120)
     assert done.returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmp-notes.pt", live.name, "run-00020.pt"])
+
+
+def test_case7_every_shipped_config_loads_strictly():
+    from qgait_plugin.local.config import load_config
+    from qgait_plugin.yamlfile import load_yaml
+
+    for path in sorted((REPO / "configs").rglob("*.yaml")):
+        assert isinstance(load_yaml(path), dict), path
+    for path in sorted((REPO / "configs" / "demo").glob("*.yaml")):
+        load_config(str(path))
+
+
+class _OGLog:
+    def log_info(self, msg):
+        pass
+
+    log_warning = log_info
+
+
+class _OGAggregator(torch.nn.Module):
+    """OpenGait's loss aggregator's contract: ``(loss_sum, {'scalar/<prefix>/loss': tensor, ...})``."""
+
+    def forward(self, feats):
+        info = {f"scalar/{k}/loss": v for k, v in feats.items()}
+        return sum(v.mean() for v in feats.values()), info
+
+
+class _OGBase(torch.nn.Module):
+    """The part of OpenGait's BaseModel the quant-aware subclass's training guards rely on."""
+
+    def __init__(self, cfgs, training):
+        super().__init__()
+        self.msg_mgr, self.cfgs, self.iteration = _OGLog(), cfgs, 0
+        self.engine_cfg = cfgs["trainer_cfg"]
+        self.build_network(cfgs["model_cfg"])
+        self.init_parameters()
+        self.loss_aggregator = _OGAggregator()
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, 10)
+        self.saved = []
+
+    def build_network(self, model_cfg):
+        self.fc = torch.nn.Linear(4, 2)
+
+    def init_parameters(self):
+        pass
+
+    def train_step(self, loss_sum):
+        self.iteration += 1
+        return True
+
+    def save_ckpt(self, iteration):
+        self.saved.append(iteration)
+
+
+@pytest.mark.parametrize("quant", [True, False])
+def test_case2_opengait_qat_stops_on_non_finite_loss_and_weights(quant):
+    from qgait_plugin.opengait.quant_model import make_quant_aware
+
+    cls = make_quant_aware(_OGBase)
+    cfgs = {"model_cfg": {}, "trainer_cfg": {"enable_float16": False}}
+    if quant:
+        cfgs["quant"] = {"weight": {"bits": 4}, "act": {"bits": 4}}
+    model = cls(cfgs, training=True)
+    loss, _ = model.loss_aggregator({"triplet": torch.tensor([0.2, 0.3]), "softmax": torch.tensor(float("nan"))})
+    if not quant:  # a config without quant: runs exactly as OpenGait would
+        assert model.train_step(loss) is True
+        return
+    with pytest.raises(NonFiniteError, match=r"^iteration 1: non-finite loss \(triplet=0.25, softmax=nan\)"):
+        model.train_step(loss)
+    assert model.iteration == 0
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"iteration 5: non-finite weights \(1 tensors, e.g. \['fc.weight'\]\)"):
+        model.save_ckpt(5)
+    assert model.saved == []

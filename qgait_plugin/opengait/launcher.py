@@ -142,7 +142,11 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
     if plugin:  # off only to compare against untouched OpenGait
         register(og, context=run_ctx)
     if workdir:
+        if Path(workdir).exists() and not Path(workdir).is_dir():
+            raise LaunchError(f"--workdir {workdir}: is a file; expected a folder (output/ is written there)")
         Path(workdir).mkdir(parents=True, exist_ok=True)
+    if results and Path(results).is_dir():
+        raise LaunchError(f"--results {results}: is a folder; expected the path of a JSON file")
     os.chdir(Path(workdir).resolve() if workdir else og.root)
     cfg = load_config(og, cfg_path)
     data = cfg.get("data_cfg") or {}
@@ -188,8 +192,10 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         default = Path("output") / rec["dataset"] / rec["model"] / rec["save_name"] / "qgait_results.json"
         out = Path(results) if results else default
         out.parent.mkdir(parents=True, exist_ok=True)
+        replacing = out.exists()
         out.write_text(json.dumps(rec, indent=2))
-        print(f"qgait: results written to {out.resolve()}", flush=True)
+        print(f"qgait: results written to {out.resolve()}" + (" (replacing the results of an earlier test)"
+                                                               if replacing else ""), flush=True)
 
     run_ctx.on_result = write_results
     try:
