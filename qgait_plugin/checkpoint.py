@@ -30,8 +30,9 @@ class CheckpointError(QGaitError):
 
 
 def _first_line_with(text: str, marker: str) -> Optional[str]:
+    """The first line of ``text`` holding ``marker`` (any case), stripped."""
     for line in text.splitlines():
-        if marker in line:
+        if marker.lower() in line.lower():
             return line.strip()
     return None
 
@@ -54,7 +55,9 @@ def read_checkpoint(path: str | os.PathLike[str], source: Optional[str] = None) 
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        unsafe = _first_line_with(str(e), "Unsupported global")
+        # torch words it "Unsupported global: GLOBAL x.y" for modules it knows, "unsupported GLOBAL posix.system
+        # whose module posix is blocked" for os/subprocess/builtins and the like
+        unsafe = _first_line_with(str(e), "unsupported global")
         if unsafe is not None:
             raise CheckpointError(f"{where} holds objects that are not tensors or plain data ({unsafe}); refused, "
                                   "since loading them could run code. Re-save the checkpoint with state dicts only"
@@ -106,6 +109,8 @@ def load_float_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     try:
         res = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches
+        raise ConfigError(f"{source} does not fit {type(model).__name__}: {e}") from None
+    except ConfigError as e:  # a quantizer of another bit width (a QAT checkpoint of another config)
         raise ConfigError(f"{source} does not fit {type(model).__name__}: {e}") from None
     quant_prefixes = tuple(f"{name}." for name, _ in iter_quantizers(model))
     missing = [k for k in res.missing_keys if not k.startswith(quant_prefixes)]

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, overload
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 from .spec import FP_BITS, QuantizerSpec, check_alpha, check_bits, check_rounding
 
 IDD_CRITERIA = ("smooth_l1", "l1", "l2")
@@ -41,7 +42,8 @@ def _check_keys(d: Any, path: str, allowed: Tuple[str, ...]) -> Mapping[str, Any
     if d is None:
         return {}
     if not isinstance(d, Mapping):
-        raise ConfigError(f"{path}: expected a mapping with keys {list(allowed)}, got {type(d).__name__} {d!r}")
+        raise ConfigError(f"{path}: expected a mapping with keys {list(allowed)}, "
+                          f"got {type(d).__name__} {short_repr(d)}")
     for k in d:
         if k not in allowed:
             close = difflib.get_close_matches(str(k), allowed, n=1)
@@ -56,11 +58,13 @@ def _get(d: Mapping[str, Any], key: str, path: str, types: Tuple[type, ...], def
     v = d[key]
     # bool is an int subclass: never accept True where a number is wanted, or 1 where a flag is.
     if isinstance(v, bool) and bool not in types:
-        raise ConfigError(f"{path}.{key}: expected {_type_name(types)}, got bool {v!r}")
+        raise ConfigError(f"{path}.{key}: expected {_type_name(types)}, got bool {short_repr(v)}")
     if not isinstance(v, types):
-        raise ConfigError(f"{path}.{key}: expected {_type_name(types)}, got {type(v).__name__} {v!r}")
+        raise ConfigError(f"{path}.{key}: expected {_type_name(types)}, got {type(v).__name__} {short_repr(v)}")
     if float in types and isinstance(v, int):
         v = float(v)
+    if isinstance(v, float) and not math.isfinite(v):  # NaN passes every comparison; inf every upper bound
+        raise ConfigError(f"{path}.{key}: {v!r} is not a finite number")
     return v
 
 
@@ -79,7 +83,7 @@ def _choice(d: Mapping[str, Any], key: str, path: str, choices: Tuple[str, ...],
     if isinstance(v, int) and not isinstance(v, bool):
         v = str(v)
     if not isinstance(v, str) or v not in choices:
-        raise ConfigError(f"{path}.{key}: {v!r} is not allowed; choose one of {list(choices)}")
+        raise ConfigError(f"{path}.{key}: {short_repr(v)} is not allowed; choose one of {list(choices)}")
     return v
 
 
@@ -87,7 +91,7 @@ def _positive(v: Optional[float], path: str, allow_zero: bool = False) -> None:
     if v is None:
         return
     if v < 0 or (v == 0 and not allow_zero):
-        raise ConfigError(f"{path}: {v!r} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{path}: {short_repr(v)} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ class ActQuantConfig:
         d = _check_keys(d, path, ("bits", "signed"))
         signed = d.get("signed", "auto")
         if not isinstance(signed, (str, bool, type(None))) or signed not in _SIGNED:
-            raise ConfigError(f"{path}.signed: {signed!r} is not allowed; choose auto, true or false")
+            raise ConfigError(f"{path}.signed: {short_repr(signed)} is not allowed; choose auto, true or false")
         return cls(bits=_bits(d, "bits", path, cls.bits), signed=_SIGNED[signed])
 
 
@@ -145,7 +149,8 @@ class LayerOverride:
         ov = cls(match=match, weight_bits=_bits(d, "weight_bits", path, None),
                  act_bits=_bits(d, "act_bits", path, None), enabled=_get(d, "enabled", path, (bool,), None))
         if ov.weight_bits is None and ov.act_bits is None and ov.enabled is None:
-            raise ConfigError(f"{path}: override for {match!r} changes nothing; give weight_bits, act_bits or enabled")
+            raise ConfigError(f"{path}: override for {short_repr(match)} changes nothing; "
+                              "give weight_bits, act_bits or enabled")
         return ov
 
     def matches(self, name: str) -> bool:
@@ -193,7 +198,7 @@ class ScheduleConfig:
         lr_scale = _get(d, "lr_scale", path, (float, int), cls.lr_scale)
         _positive(lr_scale, f"{path}.lr_scale")
         if lr_scale > 1e3:
-            raise ConfigError(f"{path}.lr_scale: {lr_scale!r} is out of range (0, 1000]")
+            raise ConfigError(f"{path}.lr_scale: {short_repr(lr_scale)} is out of range (0, 1000]")
         return cls(ste_iters=ste, soft_iters=soft, lr_scale=lr_scale,
                    soft=SoftConfig.from_dict(d.get("soft"), f"{path}.soft"))
 

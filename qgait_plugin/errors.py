@@ -1,10 +1,37 @@
-"""The one base class for expected failures.
+"""The one base class for expected failures, and the helper that keeps their messages short.
 
 Bad input (a config key, a file, a value) raises a subclass of :class:`QGaitError` whose message
 names the file, key or value and what was expected. The ``qgait`` command prints such an error as
 ``qgait <command>: <message>`` and exits with code 2; anything else is a bug and keeps its traceback.
+
+A message quotes values through :func:`short_repr`, never a bare ``repr``: a value can be huge (a
+YAML alias bomb, a long list pasted into the wrong key), and expanding it into a message would cost
+the memory and time the user's mistake already costs, for a message nobody can read.
 """
 from __future__ import annotations
+
+import reprlib
+from typing import Any
+
+#: longest quoted value in a message, in characters
+REPR_LIMIT = 200
+#: longest ConfigError message, in characters (a last guard; values are already quoted short)
+MESSAGE_LIMIT = 2000
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 8
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 120
+
+
+def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
+    """``repr(value)`` cut to at most ``limit`` characters, at a cost bounded whatever the value's size.
+
+    Containers show their first few items and ``...`` (nested at most three deep), so a value built
+    from a million shared references costs no more than a small one.
+    """
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class QGaitError(Exception):
@@ -14,6 +41,19 @@ class QGaitError(Exception):
 class ConfigError(QGaitError, ValueError):
     """A config section, key or value that cannot be used as written."""
 
+    def __init__(self, *args: Any) -> None:
+        if len(args) == 1 and isinstance(args[0], str) and len(args[0]) > MESSAGE_LIMIT:
+            args = (args[0][: MESSAGE_LIMIT - 3] + "...",)
+        super().__init__(*args)
+
 
 class InputNotFound(QGaitError, FileNotFoundError):
     """A file or folder the command needs (named by the user, or made by an earlier step) is not there."""
+
+
+class NonFiniteError(QGaitError, ArithmeticError):
+    """Training or evaluation met NaN or infinity (a diverged run); the message names where."""
+
+
+class OutputExists(QGaitError, FileExistsError):
+    """A command would replace outputs of an earlier run; the message names them and how to allow it."""

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .atomic import write_atomic
-from .errors import QGaitError
+from .errors import QGaitError, short_repr
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,17 +100,34 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def read_sequence(path: PathLike) -> np.ndarray:
-    """One sequence file's frames ``[T, H, W]``, as OpenGait's data set loads it, without running arbitrary pickles."""
+    """One sequence file's frames, uint8 ``[T, H, W]`` with ``T >= 1``, without running arbitrary pickles.
+
+    Anything else is a :class:`DataError` naming the file: a pickle of anything but a numpy array,
+    an array that is not 3-D, one with no frames (or empty frames), and one that is not uint8. No
+    dtype is converted: OpenGait's transform divides by 255 whatever the dtype, so float frames in
+    [0, 1] would train as near-black images there; the message says how to convert them instead.
+    """
     try:
         with open(path, "rb") as f:
             arr = _ArrayUnpickler(f).load()
     except FileNotFoundError:
         raise DataError(f"{path}: sequence file not found") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
-        raise DataError(f"{path}: not a pickled numpy array ({e})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; expected a sequence file (.pkl)") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+            KeyError, MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a pickled numpy array ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(arr, np.ndarray) or arr.ndim != 3:
         got = f"shape {arr.shape}" if isinstance(arr, np.ndarray) else f"a {type(arr).__name__}"
         raise DataError(f"{path}: holds {got}; expected a numpy array of frames [T, H, W]")
+    if arr.shape[0] == 0 or arr.shape[1] == 0 or arr.shape[2] == 0:
+        raise DataError(f"{path}: holds {arr.shape[0]} frames of {arr.shape[1]} x {arr.shape[2]}; a sequence needs "
+                        "at least one non-empty frame")
+    if arr.dtype != np.uint8:
+        hint = (" (for frames in [0, 1]: (frames * 255).round().astype(np.uint8))"
+                if arr.dtype.kind == "f" else "")
+        raise DataError(f"{path}: frames are {arr.dtype}; expected uint8 silhouettes 0..255, OpenGait's format, "
+                        f"which its transform divides by 255. Convert and save them again{hint}")
     return arr
 
 
@@ -128,27 +145,38 @@ def _subdirs(d: Path) -> List[str]:
     return sorted(p.name for p in d.iterdir() if p.is_dir())
 
 
-def list_sequences(root: PathLike, ids: Sequence[str]) -> List[SequenceFile]:
+def list_sequences(root: PathLike, ids: Sequence[str], partition: Optional[PathLike] = None,
+                   missing_ok: bool = False) -> List[SequenceFile]:
     """Every sequence of the given subject ids under ``root``, sorted by id, type, view.
 
-    Ids without a directory and sequence directories without a ``.pkl`` are skipped (a generated set
-    may lack some); a directory with several ``.pkl`` files is one sequence, read from the first.
-    Hidden files (a write still in progress) are not sequences.
+    Sequence directories without a ``.pkl`` are skipped (the generator writes none for a walk that
+    left the image); a directory with several ``.pkl`` files is one sequence, read from the first.
+    Hidden files (a write still in progress) are not sequences. An id with no sequence at all (no
+    directory, or none with a ``.pkl``) is a :class:`DataError` naming the ids and ``partition``
+    (the file that listed them), since training on part of a split silently is a different
+    experiment; ``missing_ok=True`` skips them instead.
     """
     root_p = Path(root)
     if not root_p.is_dir():
         raise DataError(f"{root}: data set root is not a directory")
-    found = []
+    found: List[SequenceFile] = []
+    missing = []
     for sid in sorted(ids):
         sdir = root_p / sid
-        if not sdir.is_dir():
-            continue
-        for typ in _subdirs(sdir):
-            for view in _subdirs(sdir / typ):
-                pkls = sorted(p for p in (sdir / typ / view).iterdir()
-                              if p.suffix == ".pkl" and not p.name.startswith(".") and p.is_file())
-                if pkls:
-                    found.append(SequenceFile(sid, typ, view, pkls[0]))
+        n = len(found)
+        if sdir.is_dir():
+            for typ in _subdirs(sdir):
+                for view in _subdirs(sdir / typ):
+                    pkls = sorted(p for p in (sdir / typ / view).iterdir()
+                                  if p.suffix == ".pkl" and not p.name.startswith(".") and p.is_file())
+                    if pkls:
+                        found.append(SequenceFile(sid, typ, view, pkls[0]))
+        if len(found) == n:
+            missing.append(sid)
+    if missing and not missing_ok:
+        listed = f"listed in {partition}" if partition else "asked for"
+        raise DataError(f"{root}: {len(missing)} of {len(ids)} ids {listed} have no sequence files under it: "
+                        f"{short_repr(missing)}; fix the partition or the data")
     return found
 
 
@@ -158,16 +186,24 @@ def read_partition(path: PathLike) -> Dict[str, Any]:
     Other keys (``PROBE_SET``, ``VAL_SET``, ...) are kept; list values among them become strings too.
     """
     try:
-        part = json.loads(Path(path).read_text())
+        text = Path(path).read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{path}: is empty; expected a JSON object with {list(SPLITS)}")
+        part = json.loads(text)
     except FileNotFoundError:
         raise DataError(f"{path}: partition file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder; expected the partition JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DataError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(part, dict):
         raise DataError(f"{path}: expected a JSON object with {list(SPLITS)}, got {type(part).__name__}")
     for key in SPLITS:
         if not isinstance(part.get(key), list):
-            raise DataError(f"{path}: expected a list under {key!r}; keys found: {list(part)}")
+            raise DataError(f"{path}: expected a list under {key!r}; keys found: {short_repr(list(part))}")
+        bad = [x for x in part[key] if not isinstance(x, (str, int)) or isinstance(x, bool)]
+        if bad:
+            raise DataError(f"{path}: {key} holds {short_repr(bad)}; expected subject ids (strings)")
     return {k: [str(x) for x in v] if isinstance(v, list) else v for k, v in part.items()}
 
 

@@ -11,10 +11,11 @@ This module imports nothing from :mod:`qgait_plugin.quant`, so the config can va
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, short_repr
 
 #: Bit width that means "no quantizer": the tensor stays in floating point.
 FP_BITS = 32
@@ -31,7 +32,7 @@ ALPHA_MAX = 100.0
 def check_bits(bits: Any, path: str = "bits") -> int:
     """``bits`` if it is a supported bit width, else a :class:`ConfigError` naming ``path`` and the value."""
     if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-        raise ConfigError(f"{path}: {bits!r} is not a supported bit width; allowed: 2..8, "
+        raise ConfigError(f"{path}: {short_repr(bits)} is not a supported bit width; allowed: 2..8, "
                           f"or {FP_BITS} for full precision")
     return int(bits)
 
@@ -39,20 +40,22 @@ def check_bits(bits: Any, path: str = "bits") -> int:
 def check_rounding(name: Any, path: str = "rounding") -> str:
     """``name`` if it is a rounding mode, else a :class:`ConfigError` naming ``path``, the value and the modes."""
     if not isinstance(name, str) or name not in ROUNDING_NAMES:
-        raise ConfigError(f"{path}: {name!r} is not allowed; choose one of {list(ROUNDING_NAMES)}")
+        raise ConfigError(f"{path}: {short_repr(name)} is not allowed; choose one of {list(ROUNDING_NAMES)}")
     return name
 
 
 def check_alpha(alpha: Any, path: str = "alpha") -> float:
     """``alpha`` as a float if it lies in ``(0, ALPHA_MAX]``, else a :class:`ConfigError` naming ``path``."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ConfigError(f"{path}: expected a number, got {type(alpha).__name__} {alpha!r}")
+        raise ConfigError(f"{path}: expected a number, got {type(alpha).__name__} {short_repr(alpha)}")
     alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ConfigError(f"{path}: {alpha!r} is not a finite number")
     if not alpha > 0:
-        raise ConfigError(f"{path}: {alpha!r} must be > 0")
+        raise ConfigError(f"{path}: {short_repr(alpha)} must be > 0")
     if alpha > ALPHA_MAX:
-        raise ConfigError(f"{path}: {alpha!r} is too large (allowed (0, {ALPHA_MAX:g}]); the surrogate's gradient "
-                          "becomes spikes")
+        raise ConfigError(f"{path}: {short_repr(alpha)} is too large (allowed (0, {ALPHA_MAX:g}]); "
+                          "the surrogate's gradient becomes spikes")
     return alpha
 
 
@@ -81,12 +84,13 @@ class QuantizerSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"QuantizerSpec.kind: {self.kind!r} is not allowed; choose one of {list(KINDS)}")
+            raise ConfigError(f"QuantizerSpec.kind: {short_repr(self.kind)} is not allowed; "
+                              f"choose one of {list(KINDS)}")
         check_bits(self.bits, "QuantizerSpec.bits")
         check_rounding(self.rounding, "QuantizerSpec.rounding")
         object.__setattr__(self, "alpha", check_alpha(self.alpha, "QuantizerSpec.alpha"))
         if self.signed not in (None, True, False):
-            raise ConfigError(f"QuantizerSpec.signed: {self.signed!r} is not allowed; "
+            raise ConfigError(f"QuantizerSpec.signed: {short_repr(self.signed)} is not allowed; "
                               "choose True, False or None (auto)")
         if self.kind == "weight" and self.signed is False:
             raise ConfigError("QuantizerSpec.signed: False is not allowed for a weight; "

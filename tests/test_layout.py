@@ -97,9 +97,12 @@ def test_listing_skips_what_is_not_a_sequence(tmp_path):
     (tmp_path / "001" / "bg-01" / "036").mkdir()                      # an empty view directory
     (tmp_path / "001" / "bg-01" / "018" / ".tmp-x.pkl").write_bytes(b"")  # a write in progress
     (tmp_path / "001" / "notes.txt").write_text("x")                   # a stray file
-    files = list_sequences(tmp_path, ["002", "001", "003"])            # 003 has no directory
+    files = list_sequences(tmp_path, ["002", "001"])
     assert [(f.sid, f.type, f.view, f.path.name) for f in files] == [("001", "bg-01", "018", "018.pkl"),
                                                                      ("002", "nm-01", "000", "000.pkl")]
+    with pytest.raises(DataError, match=r"1 of 3 ids listed in p\.json have no sequence files under it: \['003'\]"):
+        list_sequences(tmp_path, ["002", "001", "003"], partition="p.json")  # 003 has no directory
+    assert len(list_sequences(tmp_path, ["002", "001", "003"], missing_ok=True)) == 2
     with pytest.raises(DataError, match="not a directory"):
         list_sequences(tmp_path / "missing", ["001"])
 

@@ -64,15 +64,11 @@ def default_config_path() -> Path:
 
 
 def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's content; a missing file or bad YAML is a :class:`QGaitError` naming ``path``."""
-    import yaml
+    """A YAML file's content through the strict loader (duplicate keys, non-finite numbers, alias bombs
+    and empty files are errors naming ``path``)."""
+    from ..yamlfile import load_yaml
 
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputNotFound(f"{path}: {what} not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return load_yaml(path, what)
 
 
 def load_bench_config(path: Path, quick: bool = False) -> Dict[str, Any]:
@@ -180,7 +176,7 @@ def train_fp_reference(cfg: Mapping[str, Any], data: Path, cache: Path, progress
         if Path(info["checkpoint"]).is_file():
             return info
     hc = host_config(cfg, data, folder / "output", "fp", int(cfg["data"]["seed"]),
-                     {"trainer_cfg": {"total_iter": 0, "save_iter": 0}})
+                     {"trainer_cfg": {"total_iter": 0, "save_iter": 0, "overwrite": True}})
     tr = Trainer(hc, progress=progress)
     curve: List[Dict[str, Any]] = []
     best, stale, drops = -1.0, 0, 0
@@ -232,8 +228,9 @@ def qat_overrides(cfg: Mapping[str, Any], method: str, bits: int, fp_ckpt: str) 
     q = cfg["qat"]
     iters = int(q["iters"])
     over: Dict[str, Any] = {
+        # the benchmark owns its folders: a rerun with another config replaces a run's checkpoint
         "trainer_cfg": {"total_iter": iters, "save_iter": 0, "val_iter": int(q["val_every"]),
-                        "restore_hint": 0, "sampler": dict(q["sampler"])},
+                        "restore_hint": 0, "sampler": dict(q["sampler"]), "overwrite": True},
         "optimizer_cfg": dict(q["optimizer"]),
         "scheduler_cfg": {"scheduler": "MultiStepLR", "milestones": [switch_iteration(iters, cfg["qgait"])],
                           "gamma": float(q["lr_drop"])},

@@ -86,10 +86,14 @@ def run_tuning(cfg: Dict[str, Any], grid: Mapping[str, Any], out: Path, cache: P
     by_cand: Dict[str, Dict[str, List[Dict[str, Any]]]] = {}
     for owner, rec in zip(owners, records):
         by_cand.setdefault(owner, {}).setdefault(rec["method"], []).append(rec)
-    lsq = next((runs["lsq"] for runs in by_cand.values() if "lsq" in runs), [])
+    # a candidate that changes a shared knob (qat:) runs its own lsq and is compared with it;
+    # the others are compared with the first candidate's lsq, the baseline
+    baseline = next((runs["lsq"] for runs in by_cand.values() if "lsq" in runs), [])
     rows = []
     for cand in grid["candidates"]:
-        for method, runs in by_cand.get(cand["name"], {}).items():
+        own = by_cand.get(cand["name"], {})
+        lsq = own.get("lsq", baseline)
+        for method, runs in own.items():
             row = {"candidate": cand["name"], "method": method, "note": cand.get("note", ""),
                    "overrides": {k: cand[k] for k in ("qgait", "qat", "kd") if k in cand},
                    "val_mean": mean_std([r["rank1"]["mean"] for r in runs]),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -28,29 +29,50 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, progress: bool = True,
-                 quick: bool = False) -> Dict[str, Any]:
-    """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes."""
+                 quick: bool = False, overwrite: bool = False) -> Dict[str, Any]:
+    """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes.
+
+    Results of an earlier ablation at the same bit width (its JSON, the variants' checkpoints) are
+    replaced only with ``overwrite``; the refusal names them."""
+    from ..errors import OutputExists, short_repr
+    from ..spec import check_bits
     from .config import load_config, merge_dicts
     from .demo import QUICK_FP, demo_config_dir
-    from .trainer import Trainer
+    from .trainer import Trainer, checkpoint_files
 
     d = Path(demo_dir)
     part = d / "data" / "partition.json"
     fp_dir = d / "output" / "SynthGait" / "GaitBaseLite" / "fp" / "checkpoints"
-    fp_ckpts = sorted(fp_dir.glob("fp-*.pt")) if fp_dir.is_dir() else []
+    fp_ckpts = checkpoint_files(str(fp_dir), "fp")  # by iteration: the demo's own run is the only one there
     if not part.is_file() or not fp_ckpts:
         raise InputNotFound(f"{demo_dir}: needs a finished `qgait demo --out {demo_dir}` (data/partition.json and "
                             f"the FP checkpoint under {fp_dir})")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
-        raise ConfigError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+        raise ConfigError(f"--variants: unknown {short_repr(unknown)}; choose from {list(VARIANTS)}")
+    if not variants:
+        raise ConfigError(f"--variants: none given; choose from {list(VARIANTS)}")
+    check_bits(bits, "--bits")
+    if iters < 0:
+        raise ConfigError(f"--iters: {iters}; expected a number of iterations >= 1, or 0 for the demo configs'")
+    out_json = d / f"ablation_w{bits}.json"
+    earlier = [str(out_json)] if out_json.exists() else []
+    for name in variants:
+        save = f"w{bits}a{bits}_{name}"
+        earlier += checkpoint_files(str(d / "ablation" / "SynthGait" / "GaitBaseLite" / save / "checkpoints"), save)
+    if earlier and not overwrite:
+        raise OutputExists(f"{demo_dir}: holds an earlier W{bits}A{bits} ablation ({len(earlier)} files: "
+                           f"{short_repr([os.path.basename(f) for f in earlier])}); pass --overwrite to replace it")
+    fp_ckpt = fp_ckpts[-1]
+    print(f"ablate: FP checkpoint {fp_ckpt}", flush=True)
     results: Dict[str, Any] = {}
     for name in variants:
         spec = VARIANTS[name]
         over: Dict[str, Any] = {
             "data_cfg": {"dataset_root": str(d / "data"), "dataset_partition": str(part)},
-            "trainer_cfg": {"output_root": str(d / "ablation"), "save_name": f"w{bits}a{bits}_{name}"},
-            "quant": merge_dicts({"init_from": str(fp_ckpts[-1]), "weight": {"bits": bits}, "act": {"bits": bits}},
+            "trainer_cfg": {"output_root": str(d / "ablation"), "save_name": f"w{bits}a{bits}_{name}",
+                            "overwrite": overwrite},
+            "quant": merge_dicts({"init_from": fp_ckpt, "weight": {"bits": bits}, "act": {"bits": bits}},
                             spec["quant"]),
         }
         if quick:
@@ -67,7 +89,7 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
         ev = tr.evaluate()
         results[name] = {"rank1": {k: round(v, 2) for k, v in ev["rank1"].items()}, "mAP": round(ev["mAP"], 2),
                          "iterations": out["iteration"], "train_seconds": round(out["train_seconds"], 1)}
-    (d / f"ablation_w{bits}.json").write_text(json.dumps({"bits": bits, "results": results}, indent=1))
+    out_json.write_text(json.dumps({"bits": bits, "results": results, "fp_checkpoint": fp_ckpt}, indent=1))
     return results
 
 
@@ -87,10 +109,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=0, help="iteration budget per run (default: the demo configs', 60)")
     p.add_argument("--quick", action="store_true", help="the demo folder came from `qgait demo --quick`")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier ablation at the same bit width")
 
 
 def run(args: argparse.Namespace) -> int:
     res = run_ablation(args.demo_dir, args.bits, [v for v in args.variants.split(",") if v], args.iters,
-                       progress=not args.no_progress, quick=args.quick)
+                       progress=not args.no_progress, quick=args.quick, overwrite=args.overwrite)
     print(format_table(args.bits, res))
     return 0

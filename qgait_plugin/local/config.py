@@ -10,13 +10,13 @@ silently training something other than what the user wrote.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import yaml
-
 from ..config import ConfigError, QuantConfig
-from ..errors import InputNotFound
+from ..errors import short_repr
+from ..yamlfile import load_yaml
 
 #: Built-in defaults: a compact GaitBase-style model on 32 x 22 silhouettes, sized for a CPU.
 DEFAULTS: Dict[str, Any] = {
@@ -54,6 +54,9 @@ DEFAULTS: Dict[str, Any] = {
         "val_iter": 0,
         "restore_hint": 0,
         "restore_ckpt_strict": True,
+        # ours (OpenGait has no such key): a fresh run may replace the checkpoints of an earlier run
+        # under the same save_name (they are removed first); without it the run stops and names them
+        "overwrite": False,
         "with_test": False,
         "seed": 0,
         "device": "auto",
@@ -117,14 +120,14 @@ def _check_section(user: Mapping[str, Any], name: str, src: str) -> None:
         for i, item in enumerate(items):
             if not isinstance(item, Mapping) or item.get("type") not in LOSS_KEYS:
                 raise ConfigError(f"{src}: loss_cfg[{i}]: expected a mapping with type one of {list(LOSS_KEYS)}, "
-                                  f"got {item!r}")
+                                  f"got {short_repr(item)}")
             for k in item:
                 if k not in LOSS_KEYS[item["type"]]:
                     raise ConfigError(f"{src}: loss_cfg[{i}].{k}: unknown key for {item['type']}; "
                                       f"allowed: {list(LOSS_KEYS[item['type']])}")
         return
     if not isinstance(sec, Mapping):
-        raise ConfigError(f"{src}: {name}: expected a mapping, got {type(sec).__name__} {sec!r}")
+        raise ConfigError(f"{src}: {name}: expected a mapping, got {type(sec).__name__} {short_repr(sec)}")
     allowed = set(DEFAULTS[name]) | set(IGNORED_KEYS[name])
     for k, v in sec.items():
         if k not in allowed:
@@ -147,46 +150,74 @@ def _validate(cfg: Dict[str, Any], src: str) -> None:
     """Values: the handful of choices and shapes the host depends on."""
     m = cfg["model_cfg"]
     if m["model"] not in MODELS:
-        raise ConfigError(f"{src}: model_cfg.model: {m['model']!r} is not a built-in model; "
+        raise ConfigError(f"{src}: model_cfg.model: {short_repr(m['model'])} is not a built-in model; "
                           f"choose one of {list(MODELS)} (OpenGait's models run through the OpenGait host)")
     for key in ("channels", "layers", "strides"):
         v = m[key]
         if not isinstance(v, list) or not v or not all(isinstance(x, int) and x > 0 for x in v):
-            raise ConfigError(f"{src}: model_cfg.{key}: expected a non-empty list of positive ints, got {v!r}")
+            raise ConfigError(f"{src}: model_cfg.{key}: expected a non-empty list of positive ints, "
+                              f"got {short_repr(v)}")
     if not (len(m["channels"]) == len(m["layers"]) == len(m["strides"])):
         raise ConfigError(f"{src}: model_cfg.channels/layers/strides must have the same length, got "
                           f"{m['channels']}, {m['layers']}, {m['strides']}")
     s = cfg["trainer_cfg"]["sampler"]
     bs = s["batch_size"]
     if not (isinstance(bs, list) and len(bs) == 2 and all(isinstance(x, int) and x > 0 for x in bs)):
-        raise ConfigError(f"{src}: trainer_cfg.sampler.batch_size: expected [P, K] positive ints, got {bs!r}")
+        raise ConfigError(f"{src}: trainer_cfg.sampler.batch_size: expected [P, K] positive ints, got {short_repr(bs)}")
     if bs[0] < 2:
         raise ConfigError(f"{src}: trainer_cfg.sampler.batch_size: P={bs[0]}; triplets need at least 2 identities")
     if s.get("sample_type", "fixed_unordered") != "fixed_unordered":
-        raise ConfigError(f"{src}: trainer_cfg.sampler.sample_type: {s['sample_type']!r}; "
+        raise ConfigError(f"{src}: trainer_cfg.sampler.sample_type: {short_repr(s['sample_type'])}; "
                           "this host supports fixed_unordered")
     if cfg["optimizer_cfg"]["solver"] not in SOLVERS:
-        raise ConfigError(f"{src}: optimizer_cfg.solver: {cfg['optimizer_cfg']['solver']!r}; "
+        raise ConfigError(f"{src}: optimizer_cfg.solver: {short_repr(cfg['optimizer_cfg']['solver'])}; "
                           f"choose one of {list(SOLVERS)}")
     if cfg["scheduler_cfg"]["scheduler"] not in SCHEDULERS:
-        raise ConfigError(f"{src}: scheduler_cfg.scheduler: {cfg['scheduler_cfg']['scheduler']!r}; "
+        raise ConfigError(f"{src}: scheduler_cfg.scheduler: {short_repr(cfg['scheduler_cfg']['scheduler'])}; "
                           f"choose one of {list(SCHEDULERS)}")
     if cfg["evaluator_cfg"]["metric"] not in ("euc", "cos"):
-        raise ConfigError(f"{src}: evaluator_cfg.metric: {cfg['evaluator_cfg']['metric']!r}; choose euc or cos")
+        raise ConfigError(f"{src}: evaluator_cfg.metric: {short_repr(cfg['evaluator_cfg']['metric'])}; "
+                          "choose euc or cos")
     if cfg["evaluator_cfg"]["eval_func"] != "evaluate_indoor_dataset":
-        raise ConfigError(f"{src}: evaluator_cfg.eval_func: {cfg['evaluator_cfg']['eval_func']!r}; the built-in host "
-                          "implements the CASIA-B protocol only (evaluate_indoor_dataset)")
+        raise ConfigError(f"{src}: evaluator_cfg.eval_func: {short_repr(cfg['evaluator_cfg']['eval_func'])}; "
+                          "the built-in host implements the CASIA-B protocol only (evaluate_indoor_dataset)")
     if s.get("type", "TripletSampler") != "TripletSampler":
-        raise ConfigError(f"{src}: trainer_cfg.sampler.type: {s['type']!r}; "
+        raise ConfigError(f"{src}: trainer_cfg.sampler.type: {short_repr(s['type'])}; "
                           "this host trains with TripletSampler (P x K)")
     res = cfg["data_cfg"]["resolution"]
     if not (isinstance(res, list) and len(res) == 2 and all(isinstance(x, int) and x > 0 for x in res)):
         raise ConfigError(f"{src}: data_cfg.resolution: expected [height, width] after cutting, e.g. [64, 44] "
-                          f"or [32, 22], got {res!r}")
+                          f"or [32, 22], got {short_repr(res)}")
     for key in ("total_iter", "save_iter", "log_iter", "val_iter", "seed", "num_threads"):
         v = cfg["trainer_cfg"][key]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"{src}: trainer_cfg.{key}: expected an int >= 0, got {v!r}")
+            raise ConfigError(f"{src}: trainer_cfg.{key}: expected an int >= 0, got {short_repr(v)}")
+    for key, v in (("model_cfg.SeparateBNNecks.class_num", m["SeparateBNNecks"].get("class_num")),
+                   ("model_cfg.SeparateFCs.out_channels", m["SeparateFCs"].get("out_channels"))):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{src}: {key}: expected an int >= 1, got {short_repr(v)}")
+    bins = m["bin_num"]
+    if not isinstance(bins, list) or not bins or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                          for x in bins):
+        raise ConfigError(f"{src}: model_cfg.bin_num: expected a non-empty list of positive ints, "
+                          f"got {short_repr(bins)}")
+    for key in ("overwrite", "restore_ckpt_strict", "with_test"):
+        if not isinstance(cfg["trainer_cfg"][key], bool):
+            raise ConfigError(f"{src}: trainer_cfg.{key}: expected true or false, "
+                              f"got {short_repr(cfg['trainer_cfg'][key])}")
+    for sec in ("trainer_cfg", "evaluator_cfg"):
+        hint = cfg[sec]["restore_hint"]
+        if not (hint is None or isinstance(hint, str) or (isinstance(hint, int) and not isinstance(hint, bool))):
+            raise ConfigError(f"{src}: {sec}.restore_hint: expected an iteration (int) or a checkpoint path, "
+                              f"got {short_repr(hint)}")
+    o = cfg["optimizer_cfg"]
+    for key in ("lr", "weight_decay", "momentum"):
+        v = o.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{src}: optimizer_cfg.{key}: expected a finite number >= 0, got {short_repr(v)}")
+    gamma = cfg["scheduler_cfg"].get("gamma", 0.1)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma <= 0:
+        raise ConfigError(f"{src}: scheduler_cfg.gamma: expected a finite number > 0, got {short_repr(gamma)}")
 
 
 def build_config(user: Optional[Mapping[str, Any]] = None, src: str = "<dict>") -> Dict[str, Any]:
@@ -215,16 +246,7 @@ def build_config(user: Optional[Mapping[str, Any]] = None, src: str = "<dict>") 
 
 def load_config(path: str, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Read a YAML file (plus optional programmatic ``overrides`` merged on top) into a checked config."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{path}: is a folder; expected a YAML config file")
-    if not os.path.isfile(path):
-        raise InputNotFound(f"{path}: config file not found")
-    try:
-        with open(path) as f:
-            user = yaml.safe_load(f) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        detail = " ".join(str(e).split())  # YAML's messages span lines
-        raise ConfigError(f"{path}: not a valid YAML file ({detail})") from None
+    user = load_yaml(path, "config file")  # duplicate keys, NaN/inf, alias bombs and empty files are refused
     if not isinstance(user, Mapping):
         raise ConfigError(f"{path}: expected a YAML mapping of config sections, got {type(user).__name__}")
     if overrides:

@@ -47,13 +47,17 @@ def cut_and_resize(frames: np.ndarray, resolution: Optional[Sequence[int]] = Non
 
 
 def load_sequences(root: str, ids: Sequence[str], resolution: Optional[Sequence[int]] = None,
-                   progress: bool = False) -> List[SilSequence]:
-    """Every sequence of the given subject ids under ``root``, loaded into memory."""
+                   progress: bool = False, partition: Optional[str] = None) -> List[SilSequence]:
+    """Every sequence of the given subject ids under ``root``, loaded into memory.
+
+    Every file is checked as :func:`~qgait_plugin.layout.read_sequence` says (uint8 ``[T, H, W]``,
+    ``T >= 1``), and every id must have sequences (``partition``, the file that listed the ids, is
+    named when one has none)."""
     if not os.path.isdir(root):
         raise ConfigError(f"data_cfg.dataset_root: {root} is not a directory")
     from tqdm import tqdm
 
-    files = list_sequences(root, ids)
+    files = list_sequences(root, ids, partition=partition)
     seqs = [SilSequence(f.sid, f.type, f.view, cut_and_resize(read_sequence(f.path), resolution))
             for f in tqdm(files, desc="load data", leave=False, dynamic_ncols=True, disable=not progress)]
     if not seqs:
@@ -73,7 +77,8 @@ def load_split(data_cfg: dict, split: str, progress: bool = True) -> List[SilSeq
     key = (os.path.abspath(data_cfg["dataset_root"]), os.path.abspath(data_cfg["dataset_partition"]), split, res)
     if data_cfg.get("cache") and key in _CACHE:
         return _CACHE[key]
-    seqs = load_sequences(data_cfg["dataset_root"], part[split], res, progress=progress)
+    seqs = load_sequences(data_cfg["dataset_root"], part[split], res, progress=progress,
+                          partition=data_cfg["dataset_partition"])
     if data_cfg.get("cache"):
         _CACHE[key] = seqs
     return seqs

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -43,6 +45,55 @@ def demo_config_dir() -> Path:
     return d
 
 
+#: what a demo run writes into its --out folder (besides data/, which a rerun reuses)
+DEMO_OUTPUTS = ("output", "results.md", "results.json", "accuracy.png", "distances.png", "training_curves.png")
+#: what `qgait ablate` adds to a finished demo folder
+ABLATE_OUTPUTS = ("ablation",)
+#: the demo's record of the settings it generated data and trained with
+MARKER = ".qgait-demo.json"
+
+
+def check_out_dir(out: Path, settings: Dict[str, Any], overwrite: bool) -> bool:
+    """Refuse an --out folder whose contents a demo run would replace or mix with, unless ``overwrite``.
+
+    Allowed without ``overwrite``: a missing or empty folder, and one holding only a data set in
+    ``data/`` made with the same settings (a rerun reuses it, as documented). Refused, naming what
+    is there: a file; results or checkpoints of an earlier demo; a data set generated with other
+    settings (``--quick`` or not); entries no demo writes. With ``overwrite`` the run goes on and
+    replaces the demo's outputs (trainers remove their old checkpoints first). Returns whether the
+    existing ``data/`` must be generated again (made with other settings).
+    """
+    from ..errors import OutputExists, short_repr
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a folder for the demo's data and results")
+    entries = sorted(e.name for e in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return False
+    marker = out / MARKER
+    try:
+        before = json.loads(marker.read_text()) if marker.is_file() else None
+    except (OSError, ValueError):
+        before = None
+    if not isinstance(before, dict):
+        before = None
+    other = [e for e in entries if e not in DEMO_OUTPUTS + ABLATE_OUTPUTS + ("data", MARKER)
+             and not (e.startswith("ablation_w") and e.endswith(".json"))]
+    results = [e for e in entries if e in DEMO_OUTPUTS or e in ABLATE_OUTPUTS or e.startswith("ablation_w")]
+    stale_data = before is not None and before.get("data") != settings["data"] and "data" in entries
+    problems = []
+    if other:
+        problems.append(f"entries no demo writes: {short_repr(other)}")
+    if results:
+        problems.append(f"results of an earlier demo: {short_repr(results)}")
+    if stale_data:
+        problems.append(f"a data set generated with other settings ({short_repr((before or {}).get('data'))})")
+    if problems and not overwrite:
+        raise OutputExists(f"--out {out}: holds " + "; ".join(problems) + ". A rerun would replace or mix with them: "
+                           "pass --overwrite to replace the demo's outputs, or choose an empty folder")
+    return stale_data
+
+
 def _step(name: str, timings: Dict[str, float]):
     """Context manager printing and recording a step's wall time."""
 
@@ -60,8 +111,11 @@ def _step(name: str, timings: Dict[str, float]):
 
 
 def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progress: bool = True,
-             threads: int = 0) -> Dict[str, Any]:
-    """Run every step into ``out``; returns the results dict also written to ``results.json``."""
+             threads: int = 0, overwrite: bool = False) -> Dict[str, Any]:
+    """Run every step into ``out``; returns the results dict also written to ``results.json``.
+
+    ``out`` is checked first (:func:`check_out_dir`): an earlier demo's results are replaced only
+    with ``overwrite``."""
     import numpy as np
     import torch
 
@@ -82,6 +136,21 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
     out_p = Path(out)
     data = out_p / "data"
     part = data / "partition.json"
+    data_settings = {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in (DATA_QUICK if quick else DATA_DEFAULT).items()}
+    settings = {"command": "demo", "quick": quick, "data": data_settings}
+    if check_out_dir(out_p, settings, overwrite):
+        shutil.rmtree(data)  # generated with other settings; --overwrite allows replacing it
+    if overwrite:  # ablations of the old FP checkpoint would no longer match the new one
+        for stale in [out_p / "ablation", *out_p.glob("ablation_w*.json")]:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+                print(f"[demo] --overwrite: removed {stale}")
+            elif stale.is_file():
+                stale.unlink()
+                print(f"[demo] --overwrite: removed {stale}")
+    out_p.mkdir(parents=True, exist_ok=True)
+    (out_p / MARKER).write_text(json.dumps(settings) + "\n")
     timings: Dict[str, float] = {}
     t_all = time.perf_counter()
     with _step("generate data", timings):
@@ -93,7 +162,7 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
             generate_dataset(data, seed=0, progress=progress, workers=1 if quick else 2,
                              **(DATA_QUICK if quick else DATA_DEFAULT))
     paths: Dict[str, Dict[str, Any]] = {"data_cfg": {"dataset_root": str(data), "dataset_partition": str(part)},
-                                        "trainer_cfg": {"output_root": str(out_p / "output")}}
+                                        "trainer_cfg": {"output_root": str(out_p / "output"), "overwrite": overwrite}}
     if threads:
         paths["trainer_cfg"]["num_threads"] = threads
 
@@ -157,8 +226,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--configs", default=None, help="folder with fp.yaml, w8a8_lsq.yaml, ... (default configs/demo)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: the configs' num_threads)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results and checkpoints of an earlier demo in --out (its data set is reused when "
+                        "made with the same settings)")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.out, quick=args.quick, configs=args.configs, progress=not args.no_progress, threads=args.threads)
+    run_demo(args.out, quick=args.quick, configs=args.configs, progress=not args.no_progress, threads=args.threads,
+             overwrite=args.overwrite)
     return 0

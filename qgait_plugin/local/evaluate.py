@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 import torch
 
+from ..errors import NonFiniteError
 from ..protocol import casia_b_protocol, distance
 
 __all__ = ["casia_b_protocol", "distance", "extract_embeddings", "format_rank1", "inter_class_distances"]
@@ -50,7 +51,12 @@ def extract_embeddings(model: torch.nn.Module, seqs: List, device: torch.device,
                     out[i] = e
                 bar.update(len(chunk))
     model.train(was_training)
-    return torch.stack(out)
+    emb = torch.stack(out)
+    bad = int((~torch.isfinite(emb.flatten(1))).any(dim=1).sum())
+    if bad:  # the protocol would rank NaN distances anyhow and print scores for a diverged model
+        raise NonFiniteError(f"{bad} of {len(seqs)} sequences have non-finite embeddings (NaN or infinity); "
+                             "the model diverged, so there is nothing to score")
+    return emb
 
 
 def inter_class_distances(emb: torch.Tensor, ids: Sequence[str], max_pairs: int = 20000, seed: int = 0) -> np.ndarray:

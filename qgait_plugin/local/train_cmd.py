@@ -12,6 +12,9 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfgs", required=True, help="YAML config, e.g. configs/demo/fp.yaml")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="a fresh run may replace the checkpoints of an earlier run under the same save_name "
+                        "(trainer_cfg.overwrite: true)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import format_rank1
     from .trainer import Trainer
 
-    cfg = load_config(args.cfgs)
+    cfg = load_config(args.cfgs, overrides={"trainer_cfg": {"overwrite": True}} if args.overwrite else None)
     tr = Trainer(cfg, progress=not args.no_progress)
     out = tr.train()
     print(f"trained {cfg['trainer_cfg']['save_name']} to iteration {out['iteration']} in "

@@ -9,6 +9,7 @@ the CASIA-B protocol. CPU by default, CUDA when present (``trainer_cfg.device``)
 from __future__ import annotations
 
 import glob
+import math
 import os
 import random
 import re
@@ -20,7 +21,7 @@ import torch
 
 from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_dict, write_checkpoint
 from ..config import ConfigError
-from ..errors import InputNotFound
+from ..errors import InputNotFound, NonFiniteError, OutputExists, short_repr
 from ..protocol import casia_b_protocol
 from .config import loss_terms, output_dir
 from .data import TripletSampler, collate_fixed, load_split
@@ -35,12 +36,27 @@ if TYPE_CHECKING:
 
 
 def pick_device(name: str) -> torch.device:
+    """``trainer_cfg.device``: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ConfigError(f"trainer_cfg.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer_cfg.device: {short_repr(name)} is not a device; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ConfigError(f"trainer_cfg.device: {short_repr(name)}, but this machine has {count} CUDA device(s); "
+                              "use auto or cpu")
+    return dev
+
+
+def _first_non_finite(tensors: Dict[str, Any]) -> List[str]:
+    """Names of the floating tensors in ``tensors`` holding NaN or infinity."""
+    return [k for k, v in tensors.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
@@ -51,9 +67,20 @@ def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
 def load_fp_weights(model: torch.nn.Module, path: str) -> Dict[str, torch.Tensor]:
     """Load an FP checkpoint into a (quantized) model; only quantizer keys may be missing.
 
-    Returns the FP state dict (the teacher is built from it).
+    Returns the FP state dict (the teacher is built from it). Says which file it read.
     """
+    print(f"quant.init_from: reading FP weights from {path}", flush=True)
     return load_float_state_dict(model, read_checkpoint(path, "quant.init_from"), source=f"quant.init_from: {path}")
+
+
+def checkpoint_files(ck_dir: str, save_name: str) -> List[str]:
+    """This run's checkpoints in ``ck_dir`` (``<save_name>-<iteration>.pt``), oldest iteration first."""
+    found = []
+    for f in glob.glob(os.path.join(glob.escape(ck_dir), f"{glob.escape(save_name)}-*.pt")):
+        m = re.fullmatch(re.escape(save_name) + r"-(\d+)\.pt", os.path.basename(f))
+        if m:
+            found.append((int(m.group(1)), f))
+    return [f for _, f in sorted(found)]
 
 
 class Trainer:
@@ -83,6 +110,10 @@ class Trainer:
             quantize_model(self.model, self.quant)
         self.model.to(self.device)
         self.iteration = 0
+        #: the checkpoint file the model was last loaded from (None: not loaded from one)
+        self.checkpoint: Optional[str] = None
+        #: the last checkpoint this run wrote
+        self.last_saved: Optional[str] = None
         self.history: List[Dict[str, float]] = []
         self.train_seconds = 0.0
         self._train_seqs = None
@@ -104,6 +135,8 @@ class Trainer:
         self.idd = None
         self.kd = None
         self.schedule = None
+        if t["restore_hint"] in (0, None):
+            self._check_fresh_run(bool(t.get("overwrite", False)))
         if self.quant is not None and t["restore_hint"] in (0, None):
             if not self.quant.init_from:
                 raise ConfigError("quant.init_from: QAT starts from a full-precision checkpoint; give its path")
@@ -159,6 +192,24 @@ class Trainer:
         return self._train_seqs
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _check_fresh_run(self, overwrite: bool) -> None:
+        """A fresh run into a save_name that holds checkpoints stops (naming them) unless ``overwrite``;
+        with it the old checkpoints are removed first, so none of them can pass for this run's latest."""
+        ck_dir = os.path.join(self.out_dir, "checkpoints")
+        old = checkpoint_files(ck_dir, self.save_name)
+        if not old:
+            return
+        names = [os.path.basename(f) for f in old]
+        if not overwrite:
+            raise OutputExists(
+                f"trainer_cfg.save_name: {self.save_name!r} already holds {len(old)} checkpoint(s) of an earlier run "
+                f"in {ck_dir} ({short_repr(names)}); a fresh run (restore_hint: 0) would leave them beside its own, "
+                "and the latest would be taken for this run's. Resume with trainer_cfg.restore_hint: <iteration>, "
+                "choose another save_name, or pass --overwrite (trainer_cfg.overwrite: true) to remove them first")
+        for f in old:
+            os.remove(f)
+        print(f"trainer_cfg.overwrite: removed {len(old)} checkpoint(s) of an earlier run from {ck_dir}", flush=True)
+
     def state_dict(self) -> Dict[str, Any]:
         """The checkpoint: tensors and plain data only (read back with ``weights_only=True``)."""
         st = {"model": self.model.state_dict(), "iteration": self.iteration, "history": self.history,
@@ -172,9 +223,20 @@ class Trainer:
         return st
 
     def save(self) -> str:
+        """Write this iteration's checkpoint; a model with NaN/inf weights is never written (the last
+        good checkpoint stays the latest) and stops the run with :class:`NonFiniteError`."""
+        bad = _first_non_finite(self.model.state_dict())
+        if bad:
+            raise NonFiniteError(f"iteration {self.iteration}: non-finite weights ({len(bad)} tensors, e.g. "
+                                 f"{short_repr(bad[:3])}); not saved. {self._last_good()}")
         path = checkpoint_path(self.out_dir, self.save_name, self.iteration)
         write_checkpoint(self.state_dict(), path)
+        self.last_saved = path
         return path
+
+    def _last_good(self) -> str:
+        good = self.last_saved or self.checkpoint
+        return f"The last good checkpoint is {good}" if good else "No checkpoint of this run was written"
 
     def resolve(self, hint: Any, save_name: Optional[str] = None, source: str = "restore_hint") -> str:
         """Checkpoint path for a restore hint: int = this run's iteration (0/-1 = latest), str = a file.
@@ -199,6 +261,7 @@ class Trainer:
 
         ``source`` is the config key that gave ``hint``; errors about the checkpoint start with it."""
         path = self.resolve(hint, save_name, source)
+        print(f"{source}: reading checkpoint {path}", flush=True)
         ck = read_checkpoint(path, source)
         where = f"{source}: {path!r}"
         model_keys = set(self.model.state_dict())
@@ -214,6 +277,7 @@ class Trainer:
                 detail = " ".join(str(e).split())[:300]  # torch's message spans lines
             raise ConfigError(f"{where} does not fit the configured model ({detail}); expected a checkpoint "
                               "trained with this config") from None
+        self.checkpoint = path
         if isinstance(hint, str) and "iteration" not in ck:
             return
         if self.optimizer is not None and isinstance(hint, int):
@@ -278,6 +342,12 @@ class Trainer:
                     kd_loss, _ = self.kd(out["embeddings"], t_emb)
                     total_loss = total_loss + kd_loss
                     rec["kd"] = float(kd_loss.detach())
+            if not math.isfinite(float(total_loss.detach())):  # before the step: the weights stay the last good ones
+                terms = ", ".join(f"{prefix}={rec[prefix]:.4g}" for prefix in [p for p, *_ in self.losses]
+                                  + ["idd", "kd"] if prefix in rec)
+                bar.close()
+                raise NonFiniteError(f"iteration {self.iteration + 1}: non-finite loss ({terms}); training stopped "
+                                     f"(a learning rate or loss weight too large?). {self._last_good()}")
             optimizer.zero_grad(set_to_none=True)
             total_loss.backward()
             optimizer.step()
@@ -327,8 +397,11 @@ class Trainer:
             self.restore(e["restore_hint"], strict=e.get("restore_ckpt_strict", True), save_name=e.get("save_name"),
                          source="evaluator_cfg.restore_hint")
         seqs = load_split(self.cfg["data_cfg"], split, progress=self.progress)
-        emb = extract_embeddings(self.model, seqs, self.device, e["sampler"].get("frames_all_limit", 0),
-                                 desc=f"eval {self.save_name} {split}", progress=self.progress)
+        try:
+            emb = extract_embeddings(self.model, seqs, self.device, e["sampler"].get("frames_all_limit", 0),
+                                     desc=f"eval {self.save_name} {split}", progress=self.progress)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{self.checkpoint or 'the model of ' + repr(self.save_name)}: {err}") from None
         res = casia_b_protocol(emb, [s.sid for s in seqs], [s.type for s in seqs], [s.view for s in seqs],
                                metric=e["metric"], per_subject=True)
         res["embeddings"] = emb

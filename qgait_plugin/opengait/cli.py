@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --device cpu, set the config keys a CPU run needs instead of stopping")
     p.add_argument("--results", default=None,
                    help="results JSON path (default output/<dataset>/<model>/<save_name>/qgait_results.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train: a fresh run may replace the checkpoints of an earlier run under the same save_name")
     p.add_argument("--dump-quantizers", default=None, help=argparse.SUPPRESS)  # '{rank}' in the path: one file per rank
     p.add_argument("--no-plugin", action="store_true", help=argparse.SUPPRESS)  # plain OpenGait, for comparisons
 
@@ -32,4 +34,5 @@ def run(args: argparse.Namespace) -> int:
 
     return launch(args.phase, args.root, args.cfgs, device=args.device, iteration=args.iter,
                   log_to_file=args.log_to_file, workdir=args.workdir, cpu_overrides=args.cpu_overrides,
-                  results=args.results, dump_quantizers=args.dump_quantizers, plugin=not args.no_plugin)
+                  results=args.results, dump_quantizers=args.dump_quantizers, plugin=not args.no_plugin,
+                  overwrite=args.overwrite)

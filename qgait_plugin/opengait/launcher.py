@@ -13,6 +13,7 @@ that do not exist from there are resolved against the checkout root.
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -20,9 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
-
-from ..errors import QGaitError
+from ..errors import QGaitError, short_repr
+from ..yamlfile import load_yaml
 from .env import import_opengait
 
 
@@ -34,12 +34,12 @@ def load_config(og: Any, cfg_path: Path) -> Dict[str, Any]:
     """User YAML merged into ``<root>/configs/default.yaml`` by OpenGait's ``MergeCfgsDict``."""
     if not cfg_path.is_file():
         raise LaunchError(f"--cfgs: {cfg_path} does not exist")
-    with open(cfg_path) as f:
-        src = yaml.safe_load(f)
+    src = load_yaml(cfg_path, "OpenGait config")  # duplicate keys, NaN/inf, alias bombs, empty files: refused
     if not isinstance(src, dict):
         raise LaunchError(f"--cfgs: {cfg_path} is not a YAML mapping")
-    with open(og.root / "configs" / "default.yaml") as f:
-        dst = yaml.safe_load(f)
+    dst = load_yaml(og.root / "configs" / "default.yaml", "OpenGait default config")
+    if not isinstance(dst, dict):
+        raise LaunchError(f"{og.root / 'configs' / 'default.yaml'}: is not a YAML mapping")
     og.common.MergeCfgsDict(src, dst)
     for sec in ([dst["data_cfg"]] if isinstance(dst.get("data_cfg"), dict) else dst.get("data_cfg") or []):
         for key in ("dataset_partition", "dataset_root"):
@@ -48,6 +48,30 @@ def load_config(og: Any, cfg_path: Path) -> Dict[str, Any]:
                     and (og.root / val).exists():
                 sec[key] = str(og.root / val)
     return dst
+
+
+def check_fresh_run(cfg: Dict[str, Any], overwrite: bool) -> None:
+    """A fresh training run (integer ``restore_hint`` 0) into a ``save_name`` that holds checkpoints stops, naming
+    them, unless ``overwrite`` (``--overwrite`` or ``trainer_cfg.overwrite: true``, a key of ours that OpenGait
+    ignores); with it rank 0 removes them first, so no checkpoint of the earlier run passes for this one's."""
+    t = cfg.get("trainer_cfg") or {}
+    if t.get("restore_hint", 0) != 0 or isinstance(t.get("restore_hint"), bool):
+        return
+    data = cfg.get("data_cfg")
+    names = "_".join(d["dataset_name"] for d in data) if isinstance(data, list) else (data or {}).get("dataset_name")
+    ck_dir = Path("output") / str(names) / str(cfg["model_cfg"]["model"]) / str(t["save_name"]) / "checkpoints"
+    old = sorted(ck_dir.glob(f"{glob.escape(str(t['save_name']))}-*.pt")) if ck_dir.is_dir() else []
+    if not old:
+        return
+    if not (overwrite or t.get("overwrite") is True):
+        raise LaunchError(f"trainer_cfg.save_name: {t['save_name']!r} already holds {len(old)} checkpoint(s) of an "
+                          f"earlier run in {ck_dir.resolve()} ({short_repr([p.name for p in old])}); a fresh run "
+                          "(restore_hint: 0) would leave them beside its own. Resume with --iter N, choose another "
+                          "save_name, or pass --overwrite (trainer_cfg.overwrite: true) to remove them first")
+    if os.environ.get("RANK", "0") == "0":
+        for f in old:
+            f.unlink(missing_ok=True)
+        print(f"qgait: removed {len(old)} checkpoint(s) of an earlier run from {ck_dir.resolve()}", flush=True)
 
 
 def _load_main(og: Any, argv: List[str]) -> Any:
@@ -96,7 +120,8 @@ def results_record(model: Any, result: Dict[str, Any], cfgs: Dict[str, Any], cfg
 
 def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iteration: int = 0,
         log_to_file: bool = False, workdir: Optional[str] = None, cpu_overrides: bool = False,
-        results: Optional[str] = None, dump_quantizers: Optional[str] = None, plugin: bool = True) -> int:
+        results: Optional[str] = None, dump_quantizers: Optional[str] = None, plugin: bool = True,
+        overwrite: bool = False) -> int:
     """Run OpenGait's ``train`` or ``test`` phase with the plugin registered. Returns an exit code."""
     import torch
     import torch.distributed as dist
@@ -117,7 +142,11 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
     if plugin:  # off only to compare against untouched OpenGait
         register(og, context=run_ctx)
     if workdir:
+        if Path(workdir).exists() and not Path(workdir).is_dir():
+            raise LaunchError(f"--workdir {workdir}: is a file; expected a folder (output/ is written there)")
         Path(workdir).mkdir(parents=True, exist_ok=True)
+    if results and Path(results).is_dir():
+        raise LaunchError(f"--results {results}: is a folder; expected the path of a JSON file")
     os.chdir(Path(workdir).resolve() if workdir else og.root)
     cfg = load_config(og, cfg_path)
     data = cfg.get("data_cfg") or {}
@@ -131,6 +160,8 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         cfg["evaluator_cfg"]["restore_hint"] = int(iteration)
         cfg["trainer_cfg"]["restore_hint"] = int(iteration)
     training = phase == "train"
+    if training:
+        check_fresh_run(cfg, overwrite)
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
     runtime = None
@@ -161,8 +192,10 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         default = Path("output") / rec["dataset"] / rec["model"] / rec["save_name"] / "qgait_results.json"
         out = Path(results) if results else default
         out.parent.mkdir(parents=True, exist_ok=True)
+        replacing = out.exists()
         out.write_text(json.dumps(rec, indent=2))
-        print(f"qgait: results written to {out.resolve()}", flush=True)
+        print(f"qgait: results written to {out.resolve()}" + (" (replacing the results of an earlier test)"
+                                                               if replacing else ""), flush=True)
 
     run_ctx.on_result = write_results
     try:

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..checkpoint import load_float_state_dict, read_checkpoint
 from ..config import QuantConfig
+from ..errors import ConfigError, NonFiniteError
 from ..param_groups import qat_param_groups
 from ..quant.convert import iter_quantizers, quantize_model
 from ..schedule import QGaitSchedule
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
         run time the mixin derives from ``object`` and OpenGait's class comes after it in the MRO)."""
 
         cfgs: Dict[str, Any]
+        engine_cfg: Dict[str, Any]
+        loss_aggregator: nn.Module
         iteration: int
         msg_mgr: Any
         optimizer: torch.optim.Optimizer
@@ -70,6 +73,8 @@ if TYPE_CHECKING:
         def build_network(self, model_cfg: Dict[str, Any]) -> None: ...
         def init_parameters(self) -> None: ...
         def train_step(self, loss_sum: torch.Tensor) -> bool: ...
+        def save_ckpt(self, iteration: int) -> None: ...
+        def _load_ckpt(self, save_name: str) -> None: ...
         @staticmethod
         def run_test(model: nn.Module) -> Any: ...
 else:
@@ -102,6 +107,10 @@ class QuantAwareModel(_BaseModel):
             sched = self.qgait_state.schedule
             sched.apply(self.iteration, self, self.optimizer, self.scheduler)
             self.msg_mgr.log_info(f"qgait: iteration {self.iteration}, phase {sched.phase(self.iteration)!r}")
+            # the loss terms of the last step, for the message when a loss turns non-finite
+            object.__setattr__(self, "_qgait_loss_info", {})
+            self.loss_aggregator.register_forward_hook(
+                lambda _mod, _inp, out: object.__setattr__(self, "_qgait_loss_info", out[1]))
 
     # -- network ----------------------------------------------------------------------------
     def build_network(self, model_cfg: Dict[str, Any]) -> None:
@@ -156,6 +165,17 @@ class QuantAwareModel(_BaseModel):
         return retval
 
     def train_step(self, loss_sum: torch.Tensor) -> bool:
+        if self._qgait_cfg is not None and not self.engine_cfg.get("enable_float16") \
+                and not bool(torch.isfinite(torch.as_tensor(loss_sum).detach()).all()):
+            # before OpenGait's step, so the weights stay the last good ones (with fp16 the grad scaler
+            # skips such steps itself)
+            info = getattr(self, "_qgait_loss_info", {}) or {}
+            terms = ", ".join(f"{k.split('/')[1]}={float(torch.as_tensor(v).detach().float().mean()):.4g}"
+                              for k, v in info.items()
+                              if k.startswith("scalar/") and k.endswith("/loss") and k.count("/") == 2)
+            raise NonFiniteError(f"iteration {self.iteration + 1}: non-finite loss ({terms or f'sum={loss_sum}'}); "
+                                 "training stopped (a learning rate or loss weight too large?); the checkpoints "
+                                 "already written are untouched")
         ok = super().train_step(loss_sum)
         if self._qgait_cfg is not None:
             sched = self.qgait_state.schedule
@@ -165,6 +185,22 @@ class QuantAwareModel(_BaseModel):
                 self.msg_mgr.log_info(f"qgait: iteration {self.iteration}: phase {before!r} -> {phase!r} "
                                       f"(lr x{sched.lr_scale:g})")
         return ok
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_ckpt(self, iteration: int) -> None:
+        if self._qgait_cfg is not None:  # never write a checkpoint of a diverged model (checked on every rank)
+            bad = [k for k, v in self.state_dict().items()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise NonFiniteError(f"iteration {iteration}: non-finite weights ({len(bad)} tensors, e.g. "
+                                     f"{bad[:3]}); checkpoint not saved, the earlier ones are untouched")
+        super().save_ckpt(iteration)
+
+    def _load_ckpt(self, save_name: str) -> None:
+        try:
+            super()._load_ckpt(save_name)
+        except ConfigError as e:  # a quantizer of another bit width: name the file
+            raise ConfigError(f"{save_name}: {e}") from None
 
     # -- testing ----------------------------------------------------------------------------
     @classmethod

@@ -10,9 +10,9 @@ import copy
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from torch import nn
 
+from ..yamlfile import load_yaml
 from .dotted import set_dotted
 
 #: name -> (config under <root>/configs, model_cfg overrides (dotted keys), input frames, height, width)
@@ -40,8 +40,7 @@ SMALL: Dict[str, Dict[str, Any]] = {
 
 def build_bare(og: Any, config: str, overrides: Optional[Dict[str, Any]] = None) -> nn.Module:
     """The model of ``<root>/configs/<config>`` with its network built and initialised, nothing else."""
-    with open(og.root / "configs" / config) as f:
-        cfgs = yaml.safe_load(f)
+    cfgs = load_yaml(og.root / "configs" / config, "OpenGait model config")
     mc = copy.deepcopy(cfgs["model_cfg"])
     for k, v in (overrides or {}).items():
         set_dotted(mc, k, v)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import ConfigError, short_repr
 from ..spec import QuantizerSpec, check_rounding
 from .rounding import ROUNDINGS, soft_round_value
 
@@ -99,7 +100,9 @@ class _FusedFakeQuant(torch.autograd.Function):
             else:
                 lead = gs_elem.dim() - s.dim()
                 dims = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(s.shape) if n == 1)
-                gs = gs_elem.sum(dim=dims, keepdim=True, dtype=torch.float32).reshape(s.shape)
+                # sum(dim=()) would reduce every dimension: a step shaped like x (one per element) sums nothing
+                gs = (gs_elem.sum(dim=dims, keepdim=True, dtype=torch.float32) if dims
+                      else gs_elem.to(torch.float32)).reshape(s.shape)
             gs = (gs * gscale).to(s.dtype)
         return gx, gs, None, None, None, None, None
 
@@ -283,13 +286,38 @@ class LSQQuantizer(nn.Module):
         return {"bits": self.bits, "signed": self.signed, "rounding": self.rounding, "alpha": self.alpha,
                 "soft_forward": self.soft_forward, "enabled": self.enabled, "kind": self.kind}
 
-    def set_extra_state(self, state: Dict[str, Any]) -> None:
+    def _mismatch(self, state: Any, name: str) -> Optional[str]:
+        """Why the checkpoint's extra state ``state`` cannot be this quantizer's, or None."""
+        if not isinstance(state, dict):
+            return f"{name}: the checkpoint's quantizer state is a {type(state).__name__}, not a quantizer's settings"
         if state.get("bits") != self.bits or state.get("kind") != self.kind:
-            raise ValueError(f"checkpoint holds a {state.get('bits')}-bit {state.get('kind')} quantizer where the "
-                             f"model has a {self.bits}-bit {self.kind} one: the quant config differs from the one "
-                             "it was trained with")
-        self.signed = state["signed"]
-        self.rounding = check_rounding(state["rounding"], "checkpoint: quantizer rounding")
-        self.alpha = float(state["alpha"])
-        self.soft_forward = bool(state["soft_forward"])
-        self.enabled = bool(state["enabled"])
+            kind = state.get("kind")
+            kind = kind if isinstance(kind, str) and len(kind) <= 20 else short_repr(kind)
+            return (f"{name}: the checkpoint holds a {short_repr(state.get('bits'))}-bit "
+                    f"{kind} quantizer where the model has a {self.bits}-bit {self.kind} "
+                    "one; the quant config differs from the one it was trained with")
+        return None
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checked here, where the quantizer's name (the prefix) is known, before torch calls set_extra_state
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            why = self._mismatch(state_dict[key], prefix[:-1] or "quantizer")
+            if why:
+                raise ConfigError(why)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        why = self._mismatch(state, "quantizer")
+        if why:
+            raise ConfigError(why)
+        try:
+            signed, rounding = state["signed"], state["rounding"]
+            alpha, soft_forward, enabled = float(state["alpha"]), bool(state["soft_forward"]), bool(state["enabled"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"checkpoint: quantizer settings incomplete or malformed ({type(e).__name__}: "
+                              f"{short_repr(str(e))})") from None
+        if signed not in (None, True, False):
+            raise ConfigError(f"checkpoint: quantizer signed: {short_repr(signed)}; expected true, false or null")
+        self.rounding = check_rounding(rounding, "checkpoint: quantizer rounding")
+        self.signed, self.alpha, self.soft_forward, self.enabled = signed, alpha, soft_forward, enabled

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 
@@ -45,20 +46,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--view-jitter", type=float, default=None, help="view angle jitter in degrees (default 3)")
     p.add_argument("--probe", action="store_true",
                    help="afterwards, print the rank-1 of a small GEI network (a rough difficulty check)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a data set already in --out (its partition and subject folders are removed first)")
+
+
+def check_out_dir(out: str, overwrite: bool, new_ids: List[str]) -> List[str]:
+    """What of ``out`` a new data set would replace: refuse unless ``overwrite``; returns the folders to remove.
+
+    ``out`` must be a folder (or not exist). A folder holding anything is refused without
+    ``overwrite``, naming what is there; with it, the subject folders of the old partition and those
+    the new set writes are removed (stale views of another setting would otherwise mix in), and
+    nothing else.
+    """
+    from ..errors import ConfigError, OutputExists, short_repr
+    from ..layout import PARTITION_NAME, DataError, read_partition
+
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a folder for the data set")
+    entries = sorted(e.name for e in root.iterdir()) if root.is_dir() else []
+    if not entries:
+        return []
+    if not overwrite:
+        what = "a data set (partition.json)" if PARTITION_NAME in entries else f"{len(entries)} entries"
+        raise OutputExists(f"--out {out}: already holds {what}: {short_repr(entries)}; pass --overwrite to replace "
+                           "the data set, or choose an empty folder")
+    ids = set(new_ids)
+    if (root / PARTITION_NAME).is_file():
+        try:
+            part = read_partition(root / PARTITION_NAME)
+            ids |= {x for k, v in part.items() if isinstance(v, list) for x in v}
+        except DataError:
+            pass
+    real = root.resolve()
+    return [str(root / i) for i in sorted(ids)
+            if i and (root / i).is_dir() and not (root / i).is_symlink() and (root / i).resolve().parent == real]
 
 
 def run(args: argparse.Namespace) -> int:
     """Generate the set; prints where the partition file went."""
+    import math
+    import shutil
+
+    from ..errors import ConfigError
+    from ..layout import subject_id
     from .generate import QUICK, SynthConfig, generate_dataset
 
     base: Dict[str, Any] = dict(QUICK) if args.quick else {}
-    kw: Dict[str, Any] = dict(subjects=args.subjects or base.get("subjects", SynthConfig.subjects),
-                              frames=args.frames or base.get("frames", SynthConfig.frames),
-                              views=args.views or base.get("views"), types=args.types or base.get("types"))
+    kw: Dict[str, Any] = dict(
+        subjects=args.subjects if args.subjects is not None else base.get("subjects", SynthConfig.subjects),
+        frames=args.frames if args.frames is not None else base.get("frames", SynthConfig.frames),
+        views=args.views or base.get("views"), types=args.types or base.get("types"))
+    if kw["subjects"] < 2:
+        raise ConfigError(f"--subjects: {kw['subjects']}; need at least 2 (one to train, one to test)")
+    if kw["frames"] < 1:
+        raise ConfigError(f"--frames: {kw['frames']}; need at least 1")
+    if args.workers < 1:
+        raise ConfigError(f"--workers: {args.workers}; need at least 1")
     for name in ("noise", "spread", "style_jitter", "speed_jitter", "view_jitter"):
         value = getattr(args, name)
         if value is not None:
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: {value}; expected a finite number >= 0")
             kw[name] = value
+    stale = check_out_dir(args.out, args.overwrite, [subject_id(i + 1) for i in range(kw["subjects"])])
+    for d in stale:
+        shutil.rmtree(d)
     t0 = time.time()
     partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, val_subjects=args.val_subjects,
                                  train_subjects=args.train_subjects, **kw)

@@ -74,6 +74,12 @@ class SynthConfig:
                 raise ConfigError(f"SynthConfig.views: view {v!r} outside 0..180 degrees")
         if self.height < 32 or self.width < 32:
             raise ConfigError(f"SynthConfig.height/width: need at least 32 px, got {self.height}x{self.width}")
+        knobs = {f"SynthConfig.{k}": getattr(self, k) for k in ("spread", "style_jitter", "speed_jitter",
+                                                                 "view_jitter", "elevation_jitter")}
+        knobs.update({f"NoiseConfig.{k}": v for k, v in vars(self.noise).items()})
+        for name, v in [*knobs.items(), ("SynthConfig.elevation", abs(self.elevation))]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ConfigError(f"{name}: {v!r} is not allowed; expected a finite number >= 0")
 
 
 #: A few-second preset for tests and smoke runs.
