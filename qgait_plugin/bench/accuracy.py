@@ -49,7 +49,8 @@ QUICK: Dict[str, Any] = {
     "qat": {"iters": 2, "seeds": [0, 1], "val_every": 2, "sampler": {"batch_size": [3, 2], "frames_num_fixed": 3},
             "eval_frames": 4},
     # merged into every run's host config (the FP reference's too)
-    "host": {"model_cfg": {"channels": [4, 8, 8], "bin_num": [4], "SeparateFCs": {"out_channels": 8}},
+    "host": {"data_cfg": {"resolution": [16, 11]},
+             "model_cfg": {"channels": [4, 8, 8], "bin_num": [4], "SeparateFCs": {"out_channels": 8}},
              "trainer_cfg": {"sampler": {"batch_size": [3, 2], "frames_num_fixed": 3}},
              "evaluator_cfg": {"sampler": {"frames_all_limit": 4}}},
 }
@@ -259,14 +260,15 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(int(job["threads"]))
     t0 = time.time()
     hc = build_config(job["host_cfg"], src=job["name"])
-    tr = Trainer(hc, progress=False)
+    tr = Trainer(hc, progress=False, announce=False)  # the record names the FP checkpoint instead
     out = tr.train()
     final = tr.evaluate(split=job["final_split"])
     hist = out["history"]
     keys = sorted({k for h in hist for k in h if isinstance(h[k], (int, float))})
     return {
         "name": job["name"], "method": job["method"], "bits": job["bits"], "seed": job["seed"],
-        "final_split": job["final_split"],
+        "final_split": job["final_split"], "init_from": (hc.get("quant") and hc["quant"].init_from)
+        or hc["trainer_cfg"]["restore_hint"],
         "rank1": final["rank1"], "mAP": final["mAP"], "rank1_per_subject": final["rank1_per_subject"],
         "val_history": out["val_history"],
         "history": {k: [h.get(k) for h in hist] for k in keys},

@@ -64,12 +64,13 @@ def checkpoint_path(out_dir: str, save_name: str, iteration: int) -> str:
     return os.path.join(out_dir, "checkpoints", f"{save_name}-{iteration:05d}.pt")
 
 
-def load_fp_weights(model: torch.nn.Module, path: str) -> Dict[str, torch.Tensor]:
+def load_fp_weights(model: torch.nn.Module, path: str, announce: bool = True) -> Dict[str, torch.Tensor]:
     """Load an FP checkpoint into a (quantized) model; only quantizer keys may be missing.
 
-    Returns the FP state dict (the teacher is built from it). Says which file it read.
+    Returns the FP state dict (the teacher is built from it). Says which file it read (``announce``).
     """
-    print(f"quant.init_from: reading FP weights from {path}", flush=True)
+    if announce:
+        print(f"quant.init_from: reading FP weights from {path}", flush=True)
     return load_float_state_dict(model, read_checkpoint(path, "quant.init_from"), source=f"quant.init_from: {path}")
 
 
@@ -86,9 +87,11 @@ def checkpoint_files(ck_dir: str, save_name: str) -> List[str]:
 class Trainer:
     """Build everything a run needs from a checked config (see :mod:`qgait_plugin.local.config`)."""
 
-    def __init__(self, cfg: Dict[str, Any], progress: bool = True):
+    def __init__(self, cfg: Dict[str, Any], progress: bool = True, announce: bool = True):
         self.cfg = cfg
         self.progress = progress
+        #: print which checkpoint files are read and removed (a caller that records them itself turns it off)
+        self.announce = announce
         t = cfg["trainer_cfg"]
         if t.get("num_threads"):
             torch.set_num_threads(int(t["num_threads"]))
@@ -140,7 +143,7 @@ class Trainer:
         if self.quant is not None and t["restore_hint"] in (0, None):
             if not self.quant.init_from:
                 raise ConfigError("quant.init_from: QAT starts from a full-precision checkpoint; give its path")
-            self.fp_state = load_fp_weights(self.model, self.quant.init_from)
+            self.fp_state = load_fp_weights(self.model, self.quant.init_from, self.announce)
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = dict(cfg["optimizer_cfg"])
         if self.quant is not None:
@@ -208,7 +211,9 @@ class Trainer:
                 "choose another save_name, or pass --overwrite (trainer_cfg.overwrite: true) to remove them first")
         for f in old:
             os.remove(f)
-        print(f"trainer_cfg.overwrite: removed {len(old)} checkpoint(s) of an earlier run from {ck_dir}", flush=True)
+        if self.announce:
+            print(f"trainer_cfg.overwrite: removed {len(old)} checkpoint(s) of an earlier run from {ck_dir}",
+                  flush=True)
 
     def state_dict(self) -> Dict[str, Any]:
         """The checkpoint: tensors and plain data only (read back with ``weights_only=True``)."""
@@ -261,7 +266,8 @@ class Trainer:
 
         ``source`` is the config key that gave ``hint``; errors about the checkpoint start with it."""
         path = self.resolve(hint, save_name, source)
-        print(f"{source}: reading checkpoint {path}", flush=True)
+        if self.announce:
+            print(f"{source}: reading checkpoint {path}", flush=True)
         ck = read_checkpoint(path, source)
         where = f"{source}: {path!r}"
         model_keys = set(self.model.state_dict())
