@@ -1,0 +1,89 @@
+"""`qgait bench accuracy --quick`, `qgait bench tune` and `qgait diagnose` end to end on tiny data.
+
+The quick benchmark runs every method at every bit width for every seed of its config; the
+assertions check the JSON has all of them, that the tables and intervals are built from them, and
+that tuning reads the validation subjects only.
+"""
+import json
+
+import pytest
+
+from qgait_plugin.bench.methods import METHODS
+from qgait_plugin.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    out, cache = root / "out", root / "cache"
+    assert main(["bench", "accuracy", "--quick", "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    return out, cache
+
+
+def test_quick_benchmark_has_every_method_bits_and_seed(bench):
+    out, _ = bench
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["meta"]["config"]
+    seeds, bits = cfg["qat"]["seeds"], cfg["qat"]["bits"]
+    runs = {(r["method"], r["bits"], r["seed"]) for r in res["runs"]}
+    expected = {(m, 32 if m == "fp_continued" else b, s) for m in METHODS for b in bits for s in seeds}
+    assert runs == expected
+    for r in res["runs"]:
+        assert r["final_split"] == "TEST_SET" and r["wall_seconds"] > 0 and r["val_history"]
+        assert set(r["rank1"]) == {"NM", "BG", "CL", "mean"}
+    table = res["summary"]["table"]
+    assert set(table) == {f"W{b}A{b}" for b in bits}
+    for key, rows in table.items():
+        assert set(rows) == set(METHODS)
+        for m, row in rows.items():
+            assert row["seeds"] == sorted(seeds)
+            if m != "lsq":
+                vs = row["vs_lsq"]
+                assert vs["low"] <= vs["mean"] <= vs["high"] and vs["seeds"] == len(seeds)
+    assert set(res["summary"]["floors"]) == set(table)
+    for name in ("results.md", "accuracy.png", "paired.png", "curves.png", "fp_curve.png"):
+        assert (out / name).stat().st_size > 0
+    assert res["meta"]["fp_reference"]["curve"]
+
+
+def test_rerun_reuses_finished_runs(bench, capsys):
+    out, cache = bench
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert main(["bench", "accuracy", "--quick", "--out", str(out), "--cache", str(cache), "--no-progress"]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert before == after     # every record matched its config: nothing trained again
+
+
+def test_tune_reads_validation_only(bench, tmp_path):
+    _, cache = bench
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("bits: 4\nseeds: [0]\ncandidates:\n  - {name: base, methods: [lsq]}\n"
+                    "  - {name: strong_idd, qgait: {idd: {criterion: l1, weight: 3.0}}}\n")
+    out = tmp_path / "tune"
+    assert main(["bench", "tune", "--quick", "--grid", str(grid), "--out", str(out), "--cache", str(cache),
+                 "--no-progress"]) == 0
+    log = json.loads((out / "tune_log.json").read_text())
+    assert log["split"] == "VAL_SET" and log["runs"] == 2
+    rows = {r["candidate"]: r for r in log["rows"]}
+    assert rows["strong_idd"]["vs_lsq"] is not None and rows["base"]["method"] == "lsq"
+    for rec in (out / "runs").iterdir():
+        assert json.loads(rec.read_text())["final_split"] == "VAL_SET"
+
+
+def test_tune_grid_errors(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("bits: 3\nseeds: [0]\ncandidates:\n  - {name: a, qgiat: {}}\n")
+    assert main(["bench", "tune", "--grid", str(grid), "--quick", "--out", str(tmp_path / "o"),
+                 "--cache", str(tmp_path / "c")]) == 2
+    assert "candidates[0].qgiat: unknown key" in capsys.readouterr().err
+
+
+def test_diagnose_on_the_quick_benchmark(bench):
+    out, _ = bench
+    assert main(["diagnose", "--bench-dir", str(out), "--bits", "2", "--sequences", "8", "--frames", "3"]) == 0
+    res = json.loads((out / "diagnose" / "diagnose_w2.json").read_text())
+    assert set(res["sensitivity"]) == {"fp", "lsq", "two_phase", "qgait"}
+    for table in res["sensitivity"].values():
+        for kind, layers in table.items():
+            assert all(v >= 0 for v in layers.values())
+    assert (out / "diagnose" / "diagnose_w2.png").stat().st_size > 0
