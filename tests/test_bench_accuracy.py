@@ -33,7 +33,7 @@ def test_quick_benchmark_has_every_method_bits_and_seed(bench):
         assert set(r["rank1"]) == {"NM", "BG", "CL", "mean"}
     table = res["summary"]["table"]
     assert set(table) == {f"W{b}A{b}" for b in bits}
-    for key, rows in table.items():
+    for rows in table.values():
         assert set(rows) == set(METHODS)
         for m, row in rows.items():
             assert row["seeds"] == sorted(seeds)
@@ -84,6 +84,6 @@ def test_diagnose_on_the_quick_benchmark(bench):
     res = json.loads((out / "diagnose" / "diagnose_w2.json").read_text())
     assert set(res["sensitivity"]) == {"fp", "lsq", "two_phase", "qgait"}
     for table in res["sensitivity"].values():
-        for kind, layers in table.items():
+        for layers in table.values():
             assert all(v >= 0 for v in layers.values())
     assert (out / "diagnose" / "diagnose_w2.png").stat().st_size > 0
