@@ -145,6 +145,20 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 3) -> List[float]
     return times
 
 
+def time_interleaved(fns: Dict[str, Callable[[], Any]], runs: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds of ``runs`` calls of each function, one call of each per round, after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def time_session(sess: Any, *inputs: np.ndarray, runs: int, warmup: int = 3) -> List[float]:
     """Seconds of each of ``runs`` session runs on ``inputs``, after ``warmup`` untimed runs."""
     return time_calls(lambda: run_session(sess, *inputs), runs, warmup)
