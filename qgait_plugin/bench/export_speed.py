@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import tempfile
@@ -105,6 +106,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], threads: Sequence[int], runs: int,
                     warmup: int, tmp: str, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Export, check and time one network; returns sizes, op counts, agreement and latencies."""
+    from ..export.deploy import IO_NAMES
     from ..export.onnx_export import export_float_onnx, export_onnx
     from ..export.packed import save_packed
     from ..export.runtime import latency_stats, open_runtime, optimized_graph_ops, time_interleaved
@@ -113,8 +115,7 @@ def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], th
     calib = binary_frames(4, spec["frames"], spec["height"], spec["width"], seed=2)
     log(f"[bench] {name}: building and calibrating")
     models = build_models(spec, calib)
-    axes = {"silhouettes": {0: "batch", 1: "frames"}, "embeddings": {0: "batch"}}
-    names = {"input_names": ("silhouettes",), "output_names": ("embeddings",), "dynamic_axes": axes}
+    names = IO_NAMES
     files: Dict[str, str] = {}
     res: Dict[str, Any] = {"input": [1, spec["frames"], spec["height"], spec["width"]], "spec": {
         k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()}, "bytes": {}, "ops": {},
@@ -141,7 +142,7 @@ def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], th
         for th in threads:
             runners = {p: open_runtime(rt, f, th, fp32=p == "fp32", static_shapes=[xs.shape]) for p, f in files.items()}
             log(f"[bench] {name}: timing {rt}, {th} thread(s), {runs} runs each")
-            times = time_interleaved({p: (lambda r=r: r.run(xs)) for p, r in runners.items()}, runs, warmup)
+            times = time_interleaved({p: functools.partial(r.run, xs) for p, r in runners.items()}, runs, warmup)
             res["latency"][f"{rt}/{th}"] = {p: latency_stats(t) for p, t in times.items()}
     return res
 

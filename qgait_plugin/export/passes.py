@@ -95,8 +95,17 @@ def _attr(node: Any, name: str, default: Any) -> Any:
 
 
 def drop_unused_initializers(model: Any) -> None:
+    """Remove nodes none of whose outputs is read (repeatedly), then initializers nothing reads."""
     g = model.graph
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    graph_out = {o.name for o in g.output}
+    while True:
+        read = {i for n in g.node for i in n.input} | graph_out
+        dead = [n for n in g.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input} | graph_out
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
 
@@ -258,8 +267,10 @@ def move_column_scales(model: Any) -> int:
 
 def integer_graph(model: Any) -> Dict[str, int]:
     """Run every pass in order; returns how many places each changed."""
-    return {"constants": constants_to_initializers(model), "batchnorm_folded": fold_batchnorm(model),
-            "int32_biases": int32_biases(model), "column_scales": move_column_scales(model)}
+    res = {"constants": constants_to_initializers(model), "batchnorm_folded": fold_batchnorm(model),
+           "int32_biases": int32_biases(model), "column_scales": move_column_scales(model)}
+    drop_unused_initializers(model)
+    return res
 
 
 def _quantized_output(gr: Graph, name: str) -> bool:
