@@ -74,3 +74,26 @@ def export_and_check(model: nn.Module, example: torch.Tensor, out: str, checks: 
             res["latency"] = {k: latency_stats(v) for k, v in times.items()}
             res["speedup"] = res["latency"]["fp32"]["median_ms"] / res["latency"]["int8"]["median_ms"]
     return res
+
+
+def print_summary(res: Dict[str, Any]) -> None:
+    """The lines both export commands print."""
+    print(f"ONNX (integer graph, {res['integer_weights']} int8 weight tensors): {res['onnx']}  "
+          f"{res['onnx_bytes']:,} bytes ({res['fp32_bytes'] / res['onnx_bytes']:.2f}x smaller than FP32 ONNX "
+          f"{res['fp32_bytes']:,})")
+    if "packed" in res:
+        print(f"packed checkpoint: {res['packed']}  {res['packed_bytes']:,} bytes")
+    opt = res["optimized_ops"]
+    integer = {k: v for k, v in opt.items() if "QLinear" in k or "Integer" in k}
+    floats = {k: v for k, v in opt.items() if k.split(":")[-1] in ("Conv", "MatMul", "Gemm")}
+    print(f"onnxruntime's optimized graph: {integer or 'no integer op'}; float Conv/MatMul left: {floats or 'none'}")
+    if res["problems"]:
+        print(f"incomplete integer patterns ({len(res['problems'])}): " + "; ".join(res["problems"][:5]))
+    rt = "OpenVINO" if res["runtime"] == "openvino" else "onnxruntime"
+    n = res.get("checked_sequences", len(res["cosines"]))
+    print(f"{rt} vs PyTorch (fake-quantized) embeddings: cosine min {res['cosine_min']:.6f} over {n} sequence(s)")
+    if "latency" in res:
+        lat = res["latency"]
+        print(f"{rt}, {res['threads']} thread(s), sequence of {res.get('frames', '?')} frames: "
+              f"int8 {lat['int8']['median_ms']:.1f} ms, FP32 {lat['fp32']['median_ms']:.1f} ms "
+              f"(median of {lat['int8']['runs']}): {res['speedup']:.2f}x")

@@ -13,6 +13,8 @@ this order by :func:`integer_graph`:
 * :func:`int32_biases`: a float conv bias becomes int32 at scale ``s_x * s_w`` behind a DequantizeLinear;
 * :func:`move_column_scales`: ``MatMul(x, DQ(W, 1) * s)`` with ``s`` constant along the reduced axis
   becomes ``MatMul(x, DQ(W, 1)) * s`` (the per-part FC's per-(part, output) steps);
+* :func:`hoist_quantize`: a ``Q -> DQ`` behind reshapes/transposes moves up to the op that made the
+  tensor (per-frame wrappers reshape between a conv's ReLU and the next layer's quantizer);
 * :func:`integer_pattern_problems` lists every quantized Conv/MatMul/Add whose pattern is incomplete.
 """
 from __future__ import annotations
@@ -108,6 +110,30 @@ def drop_unused_initializers(model: Any) -> None:
     used = {i for n in g.node for i in n.input} | graph_out
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
+
+
+def toposort(model: Any) -> None:
+    """Reorder the main graph's nodes so that every node comes after the producers of its inputs."""
+    g = model.graph
+    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    pending = list(g.node)
+    order: List[Any] = []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a dangling input around {rest[0].name!r}")
+        pending = rest
+    copies = [type(n)() for n in order]
+    for c, n in zip(copies, order):
+        c.CopyFrom(n)
+    del g.node[:]
+    g.node.extend(copies)
 
 
 def constants_to_initializers(model: Any) -> int:
@@ -265,10 +291,92 @@ def move_column_scales(model: Any) -> int:
     return moved
 
 
+def hoist_quantize(model: Any) -> int:
+    """Move ``Q [-> Clip] -> DQ`` above reshapes/transposes to sit right after the op that makes the tensor.
+
+    ``src -> Reshape -> Transpose -> Q -> DQ`` (as a per-frame wrapper leaves it) becomes
+    ``src -> Q -> DQ -> Reshape -> Transpose``: per-tensor quantization commutes with moving
+    elements, so the values are the same, and ``src`` (a conv, ReLU or add) now ends in a Q, which
+    its fusion needs. The old shape chain stays, fed by the DQ, only where something else (a Shape
+    op) reads it, so ``src`` has the Q as its only consumer.
+    """
+    from onnx import helper
+
+    gr = Graph(model)
+    moved = 0
+    qs: List[Any] = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for q in qs:
+        chain: List[Any] = []
+        node = gr.producer.get(q.input[0])
+        while node is not None and node.op_type in SHAPE_OPS:
+            chain.append(node)
+            node = gr.producer.get(node.input[0])
+        if not chain or node is None:
+            continue
+        tail: List[Any] = []  # [Clip], DQ after the Q, each the only consumer of the one before
+        nxt = gr.only_consumer(q.output[0])
+        if nxt is not None and nxt.op_type == "Clip":
+            tail.append(nxt)
+            nxt = gr.only_consumer(nxt.output[0])
+        if nxt is None or nxt.op_type != "DequantizeLinear":
+            continue
+        tail.append(nxt)
+        src = chain[-1].input[0]
+        at = list(model.graph.node).index(q)  # everything the new nodes read is made before the old Q
+        new: List[Any] = []
+        cur = src
+        for old in [q] + tail:
+            out = gr.unique(f"{old.output[0]}_hoisted")
+            n = helper.make_node(old.op_type, [cur] + list(old.input[1:]), [out], name=out)
+            n.attribute.extend(old.attribute)
+            new.append(n)
+            gr.producer[out] = n
+            cur = out
+        for i, old in enumerate(reversed(chain)):
+            last = i == len(chain) - 1
+            out = tail[-1].output[0] if last else gr.unique(f"{old.output[0]}_dq")
+            n = helper.make_node(old.op_type, [cur] + list(old.input[1:]), [out], name=gr.unique(f"{old.name}_dq"))
+            n.attribute.extend(old.attribute)
+            new.append(n)
+            gr.producer[out] = n
+            cur = out
+        chain[-1].input[0] = new[len(tail)].output[0]  # what still reads the old chain (Shape ops) reads the DQ
+        for old in [q] + tail:
+            model.graph.node.remove(old)
+        for k, n in enumerate(new):
+            model.graph.node.insert(at + k, n)
+        moved += 1
+        gr.refresh()
+    moved += _shapes_from_dq(model)
+    if moved:
+        toposort(model)
+        drop_unused_initializers(model)
+    return moved
+
+
+def _shapes_from_dq(model: Any) -> int:
+    """``Shape`` ops reading a tensor that also goes to ``Q [-> Clip] -> DQ`` read the DQ's output
+    instead (same shape), so the Q is the tensor's only consumer, as fusions require."""
+    gr = Graph(model)
+    changed = 0
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        nxt = gr.only_consumer(q.output[0])
+        if nxt is not None and nxt.op_type == "Clip":
+            nxt = gr.only_consumer(nxt.output[0])
+        if nxt is None or nxt.op_type != "DequantizeLinear":
+            continue
+        for c in gr.consumers.get(q.input[0], []):
+            if c.op_type == "Shape":
+                c.input[0] = nxt.output[0]
+                changed += 1
+    return changed
+
+
 def integer_graph(model: Any) -> Dict[str, int]:
     """Run every pass in order; returns how many places each changed."""
     res = {"constants": constants_to_initializers(model), "batchnorm_folded": fold_batchnorm(model),
-           "int32_biases": int32_biases(model), "column_scales": move_column_scales(model)}
+           "int32_biases": int32_biases(model), "column_scales": move_column_scales(model),
+           "quantize_hoisted": hoist_quantize(model)}
     drop_unused_initializers(model)
     return res
 

@@ -86,7 +86,8 @@ def deploy_demo(out: str | os.PathLike, results: Dict[str, Dict[str, Any]], quic
         if cfg.get("quant") is None:
             info = export_float_onnx(model, (example,), fp_path, **IO_NAMES)
             runner = open_runtime("ort", fp_path, threads, fp32=True)
-            lat = latency_stats(time_interleaved({"fp32": functools.partial(runner.run, example.numpy())}, runs, 2)["fp32"])
+            timed = time_interleaved({"fp32": functools.partial(runner.run, example.numpy())}, runs, 2)
+            lat = latency_stats(timed["fp32"])
             entry: Dict[str, Any] = {"onnx": fp_path, "onnx_bytes": info["bytes"], "fp32_bytes": info["bytes"],
                                      "latency": {"fp32": lat, "int8": lat}, "speedup": 1.0, "cosine_min": 1.0}
             path = fp_path

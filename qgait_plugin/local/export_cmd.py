@@ -85,34 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", type=int, default=8, help="test sequences for the agreement check (default 8)")
 
 
-def print_summary(res: Dict[str, Any]) -> None:
-    """The lines both export commands print."""
-    print(f"ONNX (integer graph, {res['integer_weights']} int8 weight tensors): {res['onnx']}  "
-          f"{res['onnx_bytes']:,} bytes ({res['fp32_bytes'] / res['onnx_bytes']:.2f}x smaller than FP32 ONNX "
-          f"{res['fp32_bytes']:,})")
-    if "packed" in res:
-        print(f"packed checkpoint: {res['packed']}  {res['packed_bytes']:,} bytes")
-    opt = res["optimized_ops"]
-    integer = {k: v for k, v in opt.items() if "QLinear" in k or "Integer" in k}
-    floats = {k: v for k, v in opt.items() if k.split(":")[-1] in ("Conv", "MatMul", "Gemm")}
-    print(f"onnxruntime's optimized graph: {integer or 'no integer op'}; float Conv/MatMul left: {floats or 'none'}")
-    if res["problems"]:
-        print(f"incomplete integer patterns ({len(res['problems'])}): " + "; ".join(res["problems"][:5]))
-    rt = "OpenVINO" if res["runtime"] == "openvino" else "onnxruntime"
-    n = res.get("checked_sequences", len(res["cosines"]))
-    print(f"{rt} vs PyTorch (fake-quantized) embeddings: cosine min {res['cosine_min']:.6f} over {n} sequence(s)")
-    if "latency" in res:
-        lat = res["latency"]
-        print(f"{rt}, {res['threads']} thread(s), sequence of {res.get('frames', '?')} frames: "
-              f"int8 {lat['int8']['median_ms']:.1f} ms, FP32 {lat['fp32']['median_ms']:.1f} ms "
-              f"(median of {lat['int8']['runs']}): {res['speedup']:.2f}x")
-
-
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     res = export_checkpoint(load_config(args.cfgs), args.out, args.packed, args.runs, source=args.cfgs,
                             force=args.force, runtime=args.runtime, threads=args.threads, checks=args.check)
+    from ..export.deploy import print_summary
+
     print_summary(res)
     print(f"model size at stored bit widths: {res['model_size_bytes']:,} bytes")
     return 0

@@ -82,7 +82,8 @@ def first_quant_layer(module: Any) -> Optional[QuantLayerMixin]:
     return None
 
 
-def _usable(layer: Optional[QuantLayerMixin]) -> bool:
+def usable_layer(layer: Optional[QuantLayerMixin]) -> bool:
+    """``layer`` exists and quantizes both its weight and its input."""
     return layer is not None and layer.act_quant.enabled and layer.weight_quant.enabled
 
 
@@ -142,7 +143,7 @@ class ConvBNBlockHandler(BlockHandler):
     def plan(self, block: nn.Module) -> Optional[BlockPlan]:
         first = first_quant_layer(getattr(block, "conv1", None))
         second = first_quant_layer(getattr(block, "conv2", None))
-        if not (_usable(first) and _usable(second)):
+        if not (usable_layer(first) and usable_layer(second)):
             return None
         assert first is not None
         shortcut = getattr(block, self.shortcut, None)
@@ -150,7 +151,7 @@ class ConvBNBlockHandler(BlockHandler):
         quantizers = {"res_quant": True}
         if not is_identity_shortcut(shortcut):
             down = first_quant_layer(shortcut)
-            if not _usable(down):
+            if not usable_layer(down):
                 return None
             assert down is not None
             layers.append(down)
