@@ -14,6 +14,7 @@ set is not there).
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,12 +28,29 @@ from ..errors import ConfigError, QGaitError
 _NOT_NETWORK = ("qgait_state.", "loss_aggregator.")
 
 
+def _gem_mean(hpp: Any, x: torch.Tensor) -> torch.Tensor:
+    p = float(hpp.p.detach().reshape(-1)[0])  # a constant of the deployed model
+    return x.clamp(min=hpp.eps).pow(p).mean(-1, keepdim=True).pow(1.0 / p)
+
+
+def _gem_as_mean(hpp: nn.Module) -> None:
+    """GaitGL's ``GeMHPP`` pools with ``avg_pool2d`` over a kernel as wide as its input, a size the
+    exporter cannot turn into a constant; the same generalized mean written with ``mean`` (bound
+    to the module, so copies of the model get their own)."""
+    object.__setattr__(hpp, "gem", types.MethodType(_gem_mean, hpp))
+
+
 class OpenGaitEmbeddings(nn.Module):
-    """An OpenGait model's inference path: silhouettes ``[n, s, h, w]`` in, ``inference_feat`` embeddings out."""
+    """An OpenGait model's inference path: silhouettes ``[n, s, h, w]`` in, ``inference_feat`` embeddings out.
+
+    Pooling the exporter cannot trace (GaitGL's ``GeMHPP``) is replaced by an equal formulation."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        for m in model.modules():
+            if type(m).__name__ == "GeMHPP" and hasattr(m, "p") and hasattr(m, "eps"):
+                _gem_as_mean(m)
 
     def forward(self, sils: torch.Tensor) -> torch.Tensor:
         n = int(sils.shape[0])
