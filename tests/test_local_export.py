@@ -101,7 +101,7 @@ def test_checkpoint_that_does_not_fit_the_config_is_a_clear_error(trained, tmp_p
 def test_cli_prints_one_line_and_exits_2(trained, tmp_path, capsys):
     existing = tmp_path / "x.onnx"
     existing.write_bytes(b"x")
-    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(existing), "--runs", "0"]) == 2
+    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(existing), "--runs", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qgait export: --out") and "--force" in err
     assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "y.onnx"), "--runs", "1",

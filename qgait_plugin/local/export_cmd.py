@@ -81,12 +81,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["ort", "openvino"], default="ort",
                    help="runtime for the agreement check and the timing (default onnxruntime)")
     p.add_argument("--threads", type=int, default=0, help="runtime threads (default: torch's thread count)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs of each file (0: no timing)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs of each file (default 10)")
     p.add_argument("--check", type=int, default=8, help="test sequences for the agreement check (default 8)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
+
+    if args.runs < 1:
+        raise ConfigError(f"--runs: {args.runs}; the latency against FP32 needs at least one timed run")
 
     res = export_checkpoint(load_config(args.cfgs), args.out, args.packed, args.runs, source=args.cfgs,
                             force=args.force, runtime=args.runtime, threads=args.threads, checks=args.check)

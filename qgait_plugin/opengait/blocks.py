@@ -91,9 +91,12 @@ def register_opengait_blocks(modules: Any) -> None:
     """Register the block handlers for torchvision's ``BasicBlock`` and ``modules``' DeepGaitV2 blocks.
 
     ``modules`` is OpenGait's ``modeling.modules``; idempotent."""
-    from torchvision.models.resnet import BasicBlock
-
-    register_block_handler(BasicBlock, _CONV_BN)
+    try:  # OpenGait's ResNet9 blocks; the opengait extra installs torchvision
+        from torchvision.models.resnet import BasicBlock
+    except ImportError:
+        BasicBlock = None
+    if BasicBlock is not None:
+        register_block_handler(BasicBlock, _CONV_BN)
     for name in ("BasicBlock2D", "BasicBlock3D"):
         if hasattr(modules, name):
             register_block_handler(getattr(modules, name), _CONV_BN)
