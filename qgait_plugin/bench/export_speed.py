@@ -136,7 +136,9 @@ def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], th
             got = torch.from_numpy(open_runtime("ort", path, 1).run(x.numpy())[0])
             res["cosine_vs_torch"][prec] = _cosine(got, ref)
     packed = os.path.join(tmp, f"{name}_w4a4.qgpk")
-    res["bytes"]["packed_w4a4"] = save_packed(models["w4a4"], packed)
+    # what the ONNX files hold: the embedding path (backbone and per-part FC), not the training classifier
+    q: Any = models["w4a4"].model
+    res["bytes"]["packed_w4a4"] = save_packed(nn.ModuleDict({"Backbone": q.Backbone, "FCs": q.FCs}), packed)
     xs = x.numpy()
     for rt in runtimes:
         for th in threads:
@@ -149,8 +151,9 @@ def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], th
 
 def measure(networks: Sequence[str] = ("demo", "gaitbase"), runtimes: Optional[Sequence[str]] = None,
             threads: Sequence[int] = (1, 2), runs: int = 30, warmup: int = 5, quick: bool = False,
-            log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """The whole benchmark as a dict (see the module doc); ``quick`` uses one tiny network."""
+            log: Callable[[str], None] = print, keep: Optional[str] = None) -> Dict[str, Any]:
+    """The whole benchmark as a dict (see the module doc); ``quick`` uses one tiny network; ``keep``
+    is a folder that keeps the exported files (default: a temporary one)."""
     from ..export.runtime import cpu_info, openvino_available, runtime_versions
 
     if runtimes is None:
@@ -161,8 +164,10 @@ def measure(networks: Sequence[str] = ("demo", "gaitbase"), runtimes: Optional[S
                            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                            "networks": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        where = keep or tmp
+        os.makedirs(where, exist_ok=True)
         for name, spec in specs.items():
-            out["networks"][name] = measure_network(name, spec, runtimes, threads, runs, warmup, tmp, log)
+            out["networks"][name] = measure_network(name, spec, runtimes, threads, runs, warmup, where, log)
     if hasattr(os, "getloadavg"):
         out["load_average_after"] = list(os.getloadavg())
     return out
@@ -196,7 +201,7 @@ def format_tables(res: Dict[str, Any]) -> str:
         b = net["bytes"]
         lines += ["", "| file | bytes | x smaller than FP32 ONNX |", "|---|---:|---:|"]
         for k, label in (("fp32", "FP32 ONNX"), ("w8a8", "W8A8 ONNX (int8)"), ("w4a4", "W4A4 ONNX (int8 containers)"),
-                         ("packed_w4a4", "W4A4 packed (.qgpk, 4-bit)")):
+                         ("packed_w4a4", "W4A4 packed (.qgpk, 4-bit; backbone + FC)")):
             lines.append(f"| {label} | {b[k]:,} ({_mb(b[k])}) | {b['fp32'] / b[k]:.2f} |")
         cos = ", ".join(f"{k.upper()} {v:.6f}" for k, v in net["cosine_vs_torch"].items())
         lines += ["", f"onnxruntime vs PyTorch (fake-quantized), embedding cosine: {cos}", ""]
@@ -220,6 +225,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--out", default="bench_export", help="writes OUT.md and OUT.json (default bench_export)")
     p.add_argument("--quick", action="store_true", help="one tiny network, 3 runs: checks the path, measures nothing")
+    p.add_argument("--keep", default=None, help="keep the exported ONNX and packed files in this folder")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     runs, warmup = (3, 1) if args.quick else (args.runs, args.warmup)
     if runs < 1 or warmup < 0 or any(t < 1 for t in args.threads):
         raise ConfigError("--runs must be >= 1, --warmup >= 0 and every --threads >= 1")
-    res = measure(args.networks, args.runtimes, args.threads, runs, warmup, quick=args.quick)
+    res = measure(args.networks, args.runtimes, args.threads, runs, warmup, quick=args.quick, keep=args.keep)
     md = format_tables(res)
     _write_text(args.out + ".json", json.dumps(res, indent=2) + "\n")
     _write_text(args.out + ".md", md + "\n")
