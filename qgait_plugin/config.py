@@ -261,8 +261,32 @@ def _step_lr_scale(d: Mapping[str, Any], path: str) -> float:
     return v
 
 
+@dataclass(frozen=True)
+class ResidualQuantConfig:
+    """Quantizers on the tensors a residual block adds (``quant.residual``).
+
+    With ``enabled`` (the default) every residual block that has a block handler quantizes its
+    input once for both paths, the residual branch's output and the projection shortcut's output
+    (``bits``-wide signed grids), and the last such block its ReLU'd output: exactly the tensors
+    the integer ONNX graph quantizes around its adds, so what is deployed is what was trained.
+    ``enabled: false`` keeps the layer-input quantizers only (checkpoints trained that way load).
+    """
+
+    enabled: bool = True
+    bits: int = 8
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.residual") -> ResidualQuantConfig:
+        d = _check_keys(d, path, ("enabled", "bits"))
+        bits = _bits(d, "bits", path, cls.bits)
+        if bits >= FP_BITS:
+            raise ConfigError(f"{path}.bits: {bits!r} is not allowed here; choose 2..8 (turn the residual "
+                              "quantizers off with enabled: false)")
+        return cls(enabled=_get(d, "enabled", path, (bool,), cls.enabled), bits=bits)
+
+
 QUANT_KEYS = ("weight", "act", "overrides", "init_from", "first_layer_act", "last_layer", "rounding", "schedule",
-              "idd", "kd", "step_lr_scale")
+              "idd", "kd", "step_lr_scale", "residual")
 
 
 @dataclass(frozen=True)
@@ -286,6 +310,7 @@ class QuantConfig:
     idd: IDDConfig = field(default_factory=IDDConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     step_lr_scale: float = 1.0
+    residual: ResidualQuantConfig = field(default_factory=ResidualQuantConfig)
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant") -> QuantConfig:
@@ -310,6 +335,7 @@ class QuantConfig:
             idd=IDDConfig.from_dict(d.get("idd"), f"{path}.idd"),
             kd=KDConfig.from_dict(d.get("kd"), f"{path}.kd"),
             step_lr_scale=_step_lr_scale(d, path),
+            residual=ResidualQuantConfig.from_dict(d.get("residual"), f"{path}.residual"),
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -331,6 +357,13 @@ class QuantConfig:
         common: Dict[str, Any] = dict(rounding=self.rounding, alpha=soft.alpha, soft_forward=soft.soft_forward)
         return (QuantizerSpec("weight", w_bits, signed=True, per_channel=self.weight.per_channel, **common),
                 QuantizerSpec("act", a_bits, signed=self.act.signed, **common))
+
+    def residual_spec(self, signed: bool = True) -> QuantizerSpec:
+        """The spec of a residual-block quantizer (``quant.residual``): branch and shortcut outputs are
+        signed, a block's ReLU'd output unsigned."""
+        soft = self.schedule.soft
+        return QuantizerSpec("act", self.residual.bits, signed=signed, rounding=self.rounding, alpha=soft.alpha,
+                             soft_forward=soft.soft_forward)
 
     def layer_bits(self, name: str, is_first: bool, is_last: bool) -> Tuple[int, int]:
         """(weight_bits, act_bits) for the module called ``name``; ``FP_BITS`` means full precision.

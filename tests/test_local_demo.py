@@ -29,6 +29,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     assert "| w4a4_qgait |" in (out / "results.md").read_text()
     assert "| w4a4_qgait |" in capsys.readouterr().out
+    # the demo ends by deploying: integer ONNX per quantized model, agreeing with PyTorch (local/deploy.py)
+    dep = json.loads((out / "deploy" / "deploy.json").read_text())
+    assert set(dep) == set(METHODS) and all(d["cosine_min"] >= 0.9999 for d in dep.values())
+    assert all(d["rank1_runtime"] == d["rank1_torch"] for d in dep.values())
 
     # the ablation reruns QAT variants from the finished demo's data and FP checkpoint
     assert main(["ablate", "--demo-dir", str(out), "--bits", "3", "--variants", "lsq,soft_noidd", "--iters", "2",

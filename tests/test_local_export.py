@@ -1,8 +1,13 @@
-"""`qgait export`: a trained QAT checkpoint of the built-in host out as ONNX and as a packed file."""
+"""`qgait export`: a trained QAT checkpoint of the built-in host out as the integer ONNX graph and a packed file."""
+import os
+
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("onnxruntime")
+from qgait_plugin.cli import main  # noqa: E402
+from qgait_plugin.export.outputs import ExportPathError  # noqa: E402
 from qgait_plugin.export.packed import load_packed  # noqa: E402
 from qgait_plugin.local.config import build_config  # noqa: E402
 from qgait_plugin.local.export_cmd import export_checkpoint  # noqa: E402
@@ -12,7 +17,7 @@ from qgait_plugin.local.trainer import Trainer  # noqa: E402
 from qgait_plugin.quant.convert import quantize_model  # noqa: E402
 
 
-def _cfg(root, part, out, save_name, total_iter, quant=None):
+def _raw(root, part, out, save_name, total_iter, quant=None):
     d = {"data_cfg": {"dataset_root": root, "dataset_partition": part, "resolution": [16, 11], "cache": False},
          "model_cfg": {"channels": [4, 8], "layers": [1, 1], "strides": [1, 2], "bin_num": [4],
                        "SeparateFCs": {"out_channels": 8}, "SeparateBNNecks": {"class_num": 4}},
@@ -20,26 +25,86 @@ def _cfg(root, part, out, save_name, total_iter, quant=None):
                          "save_name": save_name, "sampler": {"batch_size": [2, 2], "frames_num_fixed": 3}}}
     if quant:
         d["quant"] = quant
-    return build_config(d)
+    return d
 
 
-def test_export_trained_qat_checkpoint(tmp_path):
-    root = tmp_path / "data"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    root = tmp / "data"
     part = write_random_dataset(str(root), subjects=6, train=4, views=("000", "090"), frames=6)
-    fp = Trainer(_cfg(str(root), part, tmp_path, "fp", 2), progress=False).train()
+    fp = Trainer(build_config(_raw(str(root), part, tmp, "fp", 2)), progress=False).train()
     q = {"weight": {"bits": 4}, "act": {"bits": 4}, "init_from": fp["checkpoint"],
          "schedule": {"ste_iters": 1, "soft_iters": 1}, "idd": {"enabled": True}}
-    cfg = _cfg(str(root), part, tmp_path, "q", 2, quant=q)
-    Trainer(cfg, progress=False).train()
-    res = export_checkpoint(cfg, str(tmp_path / "q.onnx"), packed=str(tmp_path / "q.qgait"), runs=2)
-    assert res["integer_weights"] >= 3 and res["max_rel_diff_vs_torch"] < 1e-4
+    raw = _raw(str(root), part, tmp, "q", 2, quant=q)
+    tr = Trainer(build_config(raw), progress=False).train()
+    cfg_file = tmp / "q.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    return {"tmp": tmp, "raw": raw, "cfg": build_config(raw), "ckpt": tr["checkpoint"], "cfg_file": str(cfg_file),
+            "root": str(root), "part": part}
+
+
+def test_export_trained_qat_checkpoint(trained, tmp_path):
+    cfg = trained["cfg"]
+    res = export_checkpoint(cfg, str(tmp_path / "q.onnx"), packed=str(tmp_path / "q.qgpk"), runs=2, checks=4)
+    assert res["integer_weights"] >= 5 and res["cosine_min"] >= 0.9999 and res["checked_sequences"] == 4
+    assert res["problems"] == []
     assert res["packed_bytes"] > 0 and (tmp_path / "q.onnx").stat().st_size == res["onnx_bytes"]
+    assert res["latency"]["int8"]["runs"] == 2 and res["speedup"] > 0
+    assert res["optimized_ops"].get("com.microsoft:QLinearAdd", 0) >= 1
     # the packed file restores a model that computes the same embeddings as the checkpoint
     model = quantize_model(build_model(cfg["model_cfg"]), cfg["quant"])
-    load_packed(model, str(tmp_path / "q.qgait")).eval()
+    load_packed(model, str(tmp_path / "q.qgpk")).eval()
     tr = Trainer(cfg, progress=False)
     tr.restore(0, strict=True, save_name="q")
-    x = torch.rand(1, 5, 16, 11)
+    x = (torch.rand(1, 5, 16, 11) > 0.5).float()
     assert torch.equal(model(x)["embeddings"], tr.model.eval()(x)["embeddings"])
+
+
+def test_export_refuses_a_float_config(trained, tmp_path):
+    fp_cfg = build_config(_raw(trained["root"], trained["part"], trained["tmp"], "fp", 2))
     with pytest.raises(ValueError, match="no quant: section"):
-        export_checkpoint(_cfg(str(root), part, tmp_path, "fp", 2), str(tmp_path / "fp.onnx"))
+        export_checkpoint(fp_cfg, str(tmp_path / "fp.onnx"))
+
+
+def test_bad_output_paths_are_refused_and_nothing_is_written(trained, tmp_path):
+    cfg = trained["cfg"]
+    ckpt = trained["ckpt"]
+    before = open(ckpt, "rb").read()
+    with pytest.raises(ExportPathError, match="checkpoint being read"):
+        export_checkpoint(cfg, ckpt, runs=0, force=True)
+    with pytest.raises(ExportPathError, match="checkpoint being read"):
+        export_checkpoint(cfg, str(tmp_path / "a.onnx"), packed=ckpt, runs=0, force=True)
+    assert open(ckpt, "rb").read() == before
+    with pytest.raises(ExportPathError, match="same file"):
+        export_checkpoint(cfg, str(tmp_path / "a.onnx"), packed=str(tmp_path / "a.onnx"), runs=0)
+    with pytest.raises(ExportPathError, match="is a folder"):
+        export_checkpoint(cfg, str(tmp_path), runs=0)
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(ExportPathError, match="--force"):
+        export_checkpoint(cfg, str(existing), runs=0)
+    assert existing.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["old.onnx"]  # no temporary left behind
+    export_checkpoint(cfg, str(existing), runs=0, force=True, checks=1)
+    assert existing.read_bytes()[:7] != b"keep me"
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_a_clear_error(trained, tmp_path):
+    raw = dict(trained["raw"])
+    raw["quant"] = {**raw["quant"], "weight": {"bits": 8}, "act": {"bits": 8}}  # trained at 4 bits
+    with pytest.raises(ValueError, match="does not fit the configured model"):
+        export_checkpoint(build_config(raw), str(tmp_path / "q.onnx"), runs=0)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_cli_prints_one_line_and_exits_2(trained, tmp_path, capsys):
+    existing = tmp_path / "x.onnx"
+    existing.write_bytes(b"x")
+    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(existing), "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgait export: --out") and "--force" in err
+    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "y.onnx"), "--runs", "1",
+                 "--check", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cosine min" in out and "QLinearConv" in out and "x smaller than FP32" in out

@@ -215,6 +215,9 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
                      for k, v in (DATA_QUICK if quick else DATA_DEFAULT).items()},
             "torch_threads": torch.get_num_threads()})
     print("\n" + md + "\n")
+    from .deploy import deploy_demo  # the quantized models as integer ONNX: size, latency vs FP32, agreement
+
+    deploy_demo(out_p, results, quick=quick, progress=progress)
     print(f"[demo] wrote {out_p}/results.md, results.json, accuracy.png, distances.png, training_curves.png "
           f"in {timings['total']:.0f} s")
     return results

@@ -1,13 +1,18 @@
-"""``qgait export``: a trained built-in-host checkpoint out as a real integer model.
+"""``qgait export``: a trained built-in-host QAT checkpoint out as an integer ONNX model (+ packed file).
 
-Writes an ONNX file (QDQ graph, integer weights; input ``[n, frames, h, w]`` silhouettes, output
-the ``[n, c, parts]`` embeddings the evaluator compares) and a bit-packed checkpoint, checks that
-onnxruntime reproduces the PyTorch embeddings on a test sequence, and prints sizes and latency.
+Writes the integer graph (input ``[n, frames, h, w]`` silhouettes, output the ``[n, c, parts]``
+embeddings the evaluator compares; BatchNorm folded, int32 biases, integer convs, adds and per-part
+FC), optionally a bit-packed checkpoint, and prints sizes, the agreement with the fake-quantized
+PyTorch model (embedding cosine, the minimum over the test sequences checked) and the latency
+against an FP32 export of the same network in the chosen runtime.
+
+Refused before anything is read or written: an output that is a folder, that is the checkpoint
+being read or the other output, an existing file without ``--force``, and a checkpoint that does
+not fit the config (other model, other bits).
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any, Dict
 
 import torch
@@ -28,36 +33,39 @@ class EmbeddingHead(nn.Module):
 
 
 def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int = 10, progress: bool = False,
-                      source: str = "config") -> Dict[str, Any]:
+                      source: str = "config", force: bool = False, runtime: str = "ort", threads: int = 0,
+                      checks: int = 8) -> Dict[str, Any]:
     """Export the checkpoint ``cfg``'s ``evaluator_cfg.restore_hint`` picks (a loaded config dict)."""
-    from ..export.onnx_export import export_onnx
+    from ..export.deploy import export_and_check
+    from ..export.outputs import check_output_paths
     from ..export.packed import save_packed
-    from ..export.runtime import cpu_session, run_session, time_session
+    from ..export.runtime import RUNTIMES
     from ..quant.size import model_size_bytes
     from .data import load_split
     from .trainer import Trainer
 
-    if runs < 1:
-        raise ConfigError(f"--runs: {runs}; the latency needs at least one timed onnxruntime run")
+    if runs < 0:
+        raise ConfigError(f"--runs: {runs}; give 0 (no timing) or more timed runs")
+    if checks < 1:
+        raise ConfigError(f"--check: {checks}; the agreement check needs at least one test sequence")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"--runtime: {runtime!r} is not a runtime; choose one of {list(RUNTIMES)}")
     if cfg.get("quant") is None:
         raise ConfigError(f"{source}: has no quant: section; export writes quantized models (train one with quant:)")
     tr = Trainer(cfg, progress=progress)
     e = cfg["evaluator_cfg"]
-    tr.restore(e["restore_hint"], strict=True, save_name=e.get("save_name"), source="evaluator_cfg.restore_hint")
+    ckpt = tr.resolve(e["restore_hint"], save_name=e.get("save_name"), source="evaluator_cfg.restore_hint")
+    check_output_paths({"--out": out, "--packed": packed}, {"checkpoint": ckpt, "config": source}, force)
+    tr.restore(ckpt, strict=True, source="evaluator_cfg.restore_hint")
     model = EmbeddingHead(tr.model.cpu()).eval()
-    seq = load_split(cfg["data_cfg"], "TEST_SET", progress=False)[0]
-    limit = e["sampler"].get("frames_all_limit", 0) or seq.frames.shape[0]
-    frames = seq.frames[:limit].float().div(255.0)[None]  # as the evaluator feeds it: [1, frames, h, w] in [0, 1]
-    ref = model(frames).detach()
-    info = export_onnx(model, (frames,), out, input_names=("silhouettes",), output_names=("embeddings",),
-                       dynamic_axes={"silhouettes": {0: "batch", 1: "frames"}, "embeddings": {0: "batch"}})
-    sess = cpu_session(out, torch.get_num_threads())
-    got = torch.from_numpy(run_session(sess, frames.numpy())[0])
-    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    times = time_session(sess, frames.numpy(), runs=runs, warmup=0)  # the run above was the warm-up
-    res = {"onnx": out, "onnx_bytes": info["bytes"], "integer_weights": info["integer_weights"],
-           "max_rel_diff_vs_torch": err, "ort_ms_per_sequence": 1000 * statistics.median(times),
-           "frames": int(frames.shape[1]), "model_size_bytes": model_size_bytes(tr.model)}
+    test = load_split(cfg["data_cfg"], "TEST_SET", progress=False)
+    limit = e["sampler"].get("frames_all_limit", 0)
+    # as the evaluator feeds them: [1, frames, h, w] in [0, 1] (uint8 / 255, exact in the graph's uint8 input)
+    seqs = [s.frames[: limit or s.frames.shape[0]].float().div(255.0)[None] for s in test[:checks]]
+    res = export_and_check(model, seqs[0], out, checks=seqs, runtime=runtime,
+                           threads=threads or torch.get_num_threads(), runs=runs)
+    res.update(frames=int(seqs[0].shape[1]), checked_sequences=len(seqs), checkpoint=ckpt,
+               model_size_bytes=model_size_bytes(tr.model))
     if packed:
         res["packed"] = packed
         res["packed_bytes"] = save_packed(tr.model, packed)
@@ -67,20 +75,26 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfgs", required=True,
                    help="the QAT config the checkpoint was trained with (evaluator_cfg.restore_hint picks it)")
-    p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--packed", default="", help="also write a bit-packed checkpoint here")
-    p.add_argument("--runs", type=int, default=10, help="onnxruntime timing runs")
+    p.add_argument("--out", required=True, help="ONNX file to write (the integer graph)")
+    p.add_argument("--packed", default="", help="also write a bit-packed checkpoint here (e.g. model.qgpk)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--runtime", choices=["ort", "openvino"], default="ort",
+                   help="runtime for the agreement check and the timing (default onnxruntime)")
+    p.add_argument("--threads", type=int, default=0, help="runtime threads (default: torch's thread count)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs of each file (default 10)")
+    p.add_argument("--check", type=int, default=8, help="test sequences for the agreement check (default 8)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .config import load_config
 
-    res = export_checkpoint(load_config(args.cfgs), args.out, args.packed, args.runs, source=args.cfgs)
-    print(f"ONNX (integer weights: {res['integer_weights']} layers): {res['onnx']}  {res['onnx_bytes']:,} bytes")
-    if "packed" in res:
-        print(f"packed checkpoint: {res['packed']}  {res['packed_bytes']:,} bytes")
+    if args.runs < 1:
+        raise ConfigError(f"--runs: {args.runs}; the latency against FP32 needs at least one timed run")
+
+    res = export_checkpoint(load_config(args.cfgs), args.out, args.packed, args.runs, source=args.cfgs,
+                            force=args.force, runtime=args.runtime, threads=args.threads, checks=args.check)
+    from ..export.deploy import print_summary
+
+    print_summary(res)
     print(f"model size at stored bit widths: {res['model_size_bytes']:,} bytes")
-    print(f"onnxruntime vs PyTorch embeddings: max relative difference {res['max_rel_diff_vs_torch']:.2e}")
-    print(f"onnxruntime: {res['ort_ms_per_sequence']:.1f} ms per sequence of {res['frames']} frames "
-          f"({torch.get_num_threads()} threads)")
     return 0

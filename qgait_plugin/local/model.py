@@ -139,9 +139,12 @@ def build_model(model_cfg: dict) -> GaitBaseLite:
 
 
 def register_quant_handlers() -> None:
-    """Tell the core's converter how to quantize the raw ``fc_bin`` parameters of this file's modules."""
+    """Tell the core's converter how to quantize the raw ``fc_bin`` parameters of this file's modules,
+    and that :class:`BasicBlock` is a residual block (conv1-bn1-relu-conv2-bn2, projection ``down``)."""
+    from ..quant.blocks import ConvBNBlockHandler, register_block_handler
     from ..quant.handlers import ParamMatmulHandler, register_handler, registered_types
 
     for cls in (SeparateFCs, SeparateBNNecks):
         if cls not in registered_types():
             register_handler(cls, ParamMatmulHandler(param="fc_bin"))
+    register_block_handler(BasicBlock, ConvBNBlockHandler(shortcut="down"))

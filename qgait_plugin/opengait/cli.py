@@ -1,9 +1,12 @@
-"""``qgait opengait train|test``: OpenGait's own training or test loop with the QGait plugin registered.
+"""``qgait opengait train|test|export``: OpenGait's own training or test loop with the QGait plugin registered,
+or a QAT checkpoint out as an integer ONNX model.
 
 The config is an OpenGait config (with a ``quant:`` section for QAT). ``--device cuda`` runs as
 OpenGait does (NCCL, one process per GPU, e.g. under torchrun); ``--device cpu`` runs on gloo with
 OpenGait's CUDA calls redirected at run time. After a test the results JSON that ``qgait compare``
-reads is written.
+reads is written. ``export`` builds the model without OpenGait's loaders (CPU), loads the
+checkpoint ``evaluator_cfg`` names and writes ``--out`` (and ``--packed``); see
+:mod:`qgait_plugin.opengait.export`.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("phase", choices=["train", "test"])
+    p.add_argument("phase", choices=["train", "test", "export"])
     p.add_argument("--root", default=None, help="OpenGait checkout (default: $OPENGAIT_ROOT)")
     p.add_argument("--cfgs", required=True, help="OpenGait config YAML (with a quant: section for QAT)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
@@ -27,9 +30,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train: a fresh run may replace the checkpoints of an earlier run under the same save_name")
     p.add_argument("--dump-quantizers", default=None, help=argparse.SUPPRESS)  # '{rank}' in the path: one file per rank
     p.add_argument("--no-plugin", action="store_true", help=argparse.SUPPRESS)  # plain OpenGait, for comparisons
+    e = p.add_argument_group("export")
+    e.add_argument("--out", default="", help="export: the ONNX file to write (integer graph)")
+    e.add_argument("--packed", default="", help="export: also write a bit-packed checkpoint here")
+    e.add_argument("--force", action="store_true", help="export: overwrite existing output files")
+    e.add_argument("--runtime", choices=["ort", "openvino"], default="ort", help="export: runtime for check and timing")
+    e.add_argument("--threads", type=int, default=1, help="export: runtime threads (default 1)")
+    e.add_argument("--runs", type=int, default=10, help="export: timed runs of each file (0: no timing)")
+    e.add_argument("--check", type=int, default=4, help="export: test sequences for the agreement check")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.phase == "export":
+        from ..export.deploy import print_summary
+        from .export import export_opengait
+
+        res = export_opengait(args.cfgs, args.out, root=args.root, packed=args.packed, force=args.force,
+                              runtime=args.runtime, threads=args.threads, runs=args.runs, iteration=args.iter,
+                              workdir=args.workdir, checks=args.check)
+        print_summary(res)
+        return 0
     from .launcher import run as launch
 
     return launch(args.phase, args.root, args.cfgs, device=args.device, iteration=args.iter,

@@ -3,14 +3,15 @@
 OpenGait's main script builds ``getattr(modeling.models, cfg.model_cfg.model)(cfgs, training)``
 and its loss aggregator looks losses up by ``type`` on ``modeling.losses``. :func:`register`
 replaces every model class there that derives from ``BaseModel`` with its quant-aware subclass of
-the same name (:mod:`.quant_model`), adds the IDD loss type (:mod:`.idd_loss`) and the handlers
-for OpenGait's per-part FC modules (:mod:`.handlers`).
+the same name (:mod:`.quant_model`), adds the IDD loss type (:mod:`.idd_loss`), the handlers
+for OpenGait's per-part FC modules (:mod:`.handlers`) and for its residual blocks (:mod:`.blocks`).
 """
 from __future__ import annotations
 
 import inspect
 from typing import Any, List, Optional
 
+from .blocks import register_opengait_blocks
 from .handlers import register_opengait_handlers
 from .idd_loss import IDD_LOSS_TYPE, make_idd_loss_class
 from .quant_model import make_quant_aware
@@ -38,4 +39,5 @@ def register(og: Any, context: Optional[RunContext] = None) -> List[str]:
     if not hasattr(og.losses, IDD_LOSS_TYPE):
         setattr(og.losses, IDD_LOSS_TYPE, make_idd_loss_class(og.losses_base))
     register_opengait_handlers(og.modules)
+    register_opengait_blocks(og.modules)
     return sorted(names)

@@ -12,6 +12,8 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import ConfigError
 from ..spec import FP_BITS, QuantizerSpec, check_alpha, check_rounding
+from . import bias
+from .blocks import dequantize_blocks, quantize_blocks
 from .handlers import LayerHandler, find_handler
 from .layers import QuantLayerMixin
 from .quantizer import LSQQuantizer
@@ -48,7 +50,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None) -> nn.Mo
     Layers whose weight and input both resolve to 32 bits (an override with ``enabled: false``,
     ``last_layer: fp``) stay float modules. Steps initialise from data on first use: weights from
     themselves, inputs from the first training batch. An override that matches no layer is an
-    error, since it is almost always a typo in the glob.
+    error, since it is almost always a typo in the glob. With ``quant.residual`` on (the default),
+    registered residual blocks then get the quantizers around their adds (:mod:`.blocks`).
     """
     cfg = QuantConfig.from_dict(config) if not isinstance(config, QuantConfig) else config
     layers = quantizable_layers(model)
@@ -65,11 +68,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None) -> nn.Mo
         if not w_spec.enabled and not a_spec.enabled:
             continue
         _convert_one(m, h, w_spec, a_spec, exact_input=is_first and not a_spec.enabled and not cfg.first_layer_act)
+    quantize_blocks(model, cfg)
+    bias.install(model)
     return model
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Undo :func:`quantize_model` in place: float classes back, quantizers removed."""
+    dequantize_blocks(model)
     for m in model.modules():
         if isinstance(m, QuantLayerMixin):
             del m.weight_quant

@@ -36,6 +36,13 @@ class QuantLayerMixin(_ModuleBase):
     qgait_exact_input: bool = False
     #: the class this one was made from, for :func:`~qgait_plugin.quant.convert.dequantize_model`
     qgait_float_class: type = nn.Module
+    #: the caller (a quantized residual block, :mod:`~qgait_plugin.quant.blocks`) quantizes this
+    #: layer's input with ``act_quant`` itself, once for every consumer; the layer must not again
+    qgait_input_quantized: bool = False
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``act_quant(x)``, unless the caller already did (:attr:`qgait_input_quantized`)."""
+        return x if self.qgait_input_quantized else self.act_quant(x)
 
     @property
     def quantized_weight(self) -> torch.Tensor:
@@ -46,7 +53,10 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
     """Forward of the quantized ``nn.Conv1d/2d/3d``: the float conv on the quantized input and weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        out = self._conv_forward(self.quantize_input(x), self.weight_quant(self.weight), self.bias)
+        if not self.training:  # a BatchNorm right after puts the folded bias on its int32 grid (quant/bias.py)
+            out._qgait_conv = self  # type: ignore[attr-defined]
+        return out
 
 
 class QuantConv1d(_QuantConvForward, nn.Conv1d):
@@ -65,7 +75,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     qgait_float_class = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_quant(x), self.weight_quant(self.weight), self.bias)
+        return F.linear(self.quantize_input(x), self.weight_quant(self.weight), self.bias)
 
 
 class _QuantParamForward(QuantLayerMixin):
