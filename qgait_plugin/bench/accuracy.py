@@ -262,7 +262,11 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
     hc = build_config(job["host_cfg"], src=job["name"])
     tr = Trainer(hc, progress=False, announce=False)  # the record names the FP checkpoint instead
     out = tr.train()
-    final = tr.evaluate(split=job["final_split"])
+    last = tr.last_validation
+    if job["final_split"] == "VAL_SET" and last is not None and last["iteration"] == tr.iteration:
+        final = last  # the validation of the last iteration already is the final VAL_SET evaluation
+    else:
+        final = tr.evaluate(split=job["final_split"])
     hist = out["history"]
     keys = sorted({k for h in hist for k in h if isinstance(h[k], (int, float))})
     return {
@@ -293,6 +297,9 @@ def plan_jobs(cfg: Mapping[str, Any], data: Path, out: Path, fp_ckpt: str, final
                 name = run_name(method, bits, seed)
                 base = host_config(cfg, data, out / "output", name, seed)
                 over = qat_overrides(cfg, method, bits, fp_ckpt)
+                # the job's thread count wins over the host config's num_threads: two runs of 2 threads
+                # each on 2 cores spin against each other (8x slower here, not 2x)
+                over["trainer_cfg"]["num_threads"] = threads
                 user = merge_dicts({k: v for k, v in base.items() if k != "quant"}, over)
                 jobs.append({"name": name, "method": method, "bits": bits, "seed": seed, "final_split": final_split,
                              "threads": threads, "host_cfg": user})

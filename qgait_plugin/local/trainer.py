@@ -129,6 +129,9 @@ class Trainer:
         self.kd: Optional[EmbeddingKDLoss] = None
         #: validation results recorded during training (``trainer_cfg.val_iter``)
         self.val_history: List[Dict[str, Any]] = []
+        #: the full result of the latest validation (``iteration`` added), for a caller that would
+        #: otherwise evaluate the same weights on VAL_SET again
+        self.last_validation: Optional[Dict[str, Any]] = None
 
     # -- training setup ---------------------------------------------------------------------
     def _setup_training(self) -> None:
@@ -386,6 +389,7 @@ class Trainer:
     def _validate(self) -> None:
         """Evaluate on VAL_SET (``trainer_cfg.val_iter``), record it, and go back to training mode."""
         res = self.evaluate(split="VAL_SET")
+        self.last_validation = dict(res, iteration=self.iteration)
         self.val_history.append({"iteration": self.iteration, "rank1": res["rank1"], "mAP": res["mAP"]})
         self.model.train()
 
