@@ -43,6 +43,8 @@ def test_quick_benchmark_has_every_method_bits_and_seed(bench):
     assert set(res["summary"]["floors"]) == set(table)
     for name in ("results.md", "accuracy.png", "paired.png", "curves.png", "fp_curve.png"):
         assert (out / name).stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert all(f"| {r['name']} | {r['rank1']['mean']:.1f} |" in md for r in res["runs"])  # every run, its wall time
     assert res["meta"]["fp_reference"]["curve"]
 
 
@@ -87,3 +89,11 @@ def test_diagnose_on_the_quick_benchmark(bench):
         for layers in table.values():
             assert all(v >= 0 for v in layers.values())
     assert (out / "diagnose" / "diagnose_w2.png").stat().st_size > 0
+
+
+def test_tune_grid_base_must_name_benchmark_sections(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("bits: 3\nseeds: [0]\nbase: {qgiat: {alpha: 2.0}}\ncandidates:\n  - {name: a}\n")
+    assert main(["bench", "tune", "--grid", str(grid), "--quick", "--out", str(tmp_path / "o"),
+                 "--cache", str(tmp_path / "c")]) == 2
+    assert "base: expected a mapping of qgait/qat/kd sections" in capsys.readouterr().err

@@ -137,6 +137,18 @@ def markdown(summary: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = Non
     return "\n".join(lines)
 
 
+def runs_markdown(records: Sequence[Mapping[str, Any]]) -> str:
+    """Every run with its final mean rank-1, last validation, training and wall time."""
+    lines = ["## Every run", "", "| run | mean rank-1 | last val mean | train (s) | wall (s) |",
+             "|---|---|---|---|---|"]
+    for r in records:
+        val = r.get("val_history") or []
+        last = f"{val[-1]['rank1']['mean']:.1f}" if val else "—"
+        lines.append(f"| {r['name']} | {r['rank1']['mean']:.1f} | {last} | {r['train_seconds']:.0f} | "
+                     f"{r['wall_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
                  meta: Mapping[str, Any]) -> None:
     """``results.md``, ``results.json``, ``accuracy.png``, ``paired.png``, ``curves.png``, ``fp_curve.png``."""
@@ -144,7 +156,8 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
     md = markdown(summary, meta)
     (out / "results.md").write_text("# qgait bench accuracy\n\nRank-1 (%) on TEST_SET, CASIA-B protocol (identical "
                                     "views excluded), mean ± std over seeds; paired differences to lsq with 95 % "
-                                    "intervals over seeds and test subjects.\n\n" + md + "\n")
+                                    "intervals over seeds and test subjects.\n\n" + md + "\n\n" + runs_markdown(records)
+                                    + "\n")
     slim = [{k: v for k, v in r.items() if k not in ("history",)} for r in records]
     (out / "results.json").write_text(json.dumps({"summary": summary, "meta": meta, "runs": slim}, indent=1))
     plot_accuracy(out / "accuracy.png", summary)

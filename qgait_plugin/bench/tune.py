@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
-from ..errors import ConfigError
+from ..errors import ConfigError, short_repr
 from .accuracy import (
     default_config_path,
     load_bench_config,
@@ -30,7 +30,7 @@ from .accuracy import (
 from .accuracy_report import _paired
 from .stats import mean_std
 
-GRID_KEYS = ("bits", "seeds", "candidates", "iters")
+GRID_KEYS = ("bits", "seeds", "candidates", "iters", "base")
 CANDIDATE_KEYS = ("name", "methods", "qgait", "qat", "kd", "note")
 
 
@@ -51,6 +51,9 @@ def load_grid(path: Path) -> Dict[str, Any]:
         if c["name"] in names:
             raise ConfigError(f"{path}: candidates[{i}].name: {c['name']!r} is used twice")
         names.add(c["name"])
+    base = grid.get("base")
+    if base is not None and (not isinstance(base, dict) or set(base) - {"qgait", "qat", "kd"}):
+        raise ConfigError(f"{path}: base: expected a mapping of qgait/qat/kd sections, got {short_repr(base)}")
     if not names:
         raise ConfigError(f"{path}: candidates: give at least one")
     return grid
@@ -65,6 +68,10 @@ def run_tuning(cfg: Dict[str, Any], grid: Mapping[str, Any], out: Path, cache: P
     base = copy.deepcopy(cfg)
     if grid.get("iters"):
         base["qat"]["iters"] = int(grid["iters"])
+    # the grid's own base (the defaults it was searched from), so that its runs stay what they were
+    # after the winner becomes the benchmark config's default
+    for sec, val in (grid.get("base") or {}).items():
+        base[sec] = merge_dicts(base[sec], val)
     data = prepare_data(base, cache, progress)
     fp = train_fp_reference(base, data, cache, progress)
     bits = int(grid["bits"])

@@ -194,9 +194,10 @@ def fold_batchnorm(model: Any) -> int:
         ints = gr.value(dq.input[0])
         assert ints is not None
         cout = ints.shape[0]
-        step = np.broadcast_to(np.asarray(gr.value(dq.input[1]), np.float64).reshape(-1), (cout,))
-        if _attr(dq, "axis", 1) != 0 and step.size > 1 and gr.value(dq.input[1]).size > 1:  # type: ignore[union-attr]
+        step_raw = np.asarray(gr.value(dq.input[1]), np.float64).reshape(-1)
+        if _attr(dq, "axis", 1) != 0 and step_raw.size > 1:  # per-channel steps must run along the output axis
             continue
+        step = np.broadcast_to(step_raw, (cout,))
         g = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
         sign = np.where(g < 0, -1, 1).astype(np.int8)
         new_ints = (ints * sign.reshape((-1,) + (1,) * (ints.ndim - 1))).astype(np.int8)
@@ -411,8 +412,8 @@ def integer_pattern_problems(model: Any) -> List[str]:
                 problems.append(f"{label}: input is not quantized")
             if n.op_type == "Conv" and len(n.input) > 2 and n.input[2]:
                 b = gr.producer.get(n.input[2])
-                if b is None or b.op_type != "DequantizeLinear" or gr.value(b.input[0]) is None \
-                        or gr.value(b.input[0]).dtype != np.int32:  # type: ignore[union-attr]
+                bias_ints = None if b is None or b.op_type != "DequantizeLinear" else gr.value(b.input[0])
+                if bias_ints is None or bias_ints.dtype != np.int32:
                     problems.append(f"{label}: bias is not int32")
             if n.op_type != "MatMul" and not _quantized_output(gr, n.output[0]):
                 problems.append(f"{label}: output has no QuantizeLinear after it")

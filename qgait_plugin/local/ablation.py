@@ -1,14 +1,16 @@
 """``qgait ablate``: LSQ vs QGait variants at one bit width, from a finished demo's data and FP checkpoint.
 
-The demo's W8A8/W4A4 runs recover FP accuracy too quickly to separate the methods; this reruns the
-demo's QAT configs at another bit width (e.g. 2) with the variants that isolate each part of QGait:
+Reruns the demo's QAT configs at another bit width (e.g. 2) with the variants that isolate each part
+of QGait. Every variant gets the demo configs' schedule, learning-rate drop at the phase switch
+included, so that a difference is the method's and not the schedule's:
 
-- ``lsq``: STE for the whole budget (``configs/demo/w4a4_lsq.yaml`` with the bits changed);
-- ``qgait``: the demo's QGait (STE half, then soft rounding + IDD, lr x ``lr_scale``);
-- ``qgait_lr1``: QGait without the learning-rate drop at the switch;
-- ``soft_noidd``: QGait's two phases without IDD.
+- ``lsq``: STE for the whole budget (``configs/demo/w3a3_lsq.yaml`` with the bits changed);
+- ``qgait``: the demo's QGait (STE for its first share of the budget, then the soft quantizer + IDD);
+- ``two_phase``: QGait's two phases without IDD;
+- ``lsq_no_drop``, ``qgait_no_drop``: the same two without the learning-rate drop, as a pair.
 
-Prints a Markdown table (rank-1 per condition, mean, mAP) and writes ``ablation_w<b>.json`` into the demo folder.
+Prints a Markdown table (rank-1 per condition, mean, mAP) and writes ``ablation_w<b>.json`` into the
+demo folder. One seed per variant: ``qgait bench accuracy`` is the tool that tells methods apart.
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from typing import Any, Dict, List
 
 from ..errors import ConfigError, InputNotFound
 
+#: variant -> the demo config it starts from and the overrides that make it (``drop``: keep the lr drop)
 VARIANTS: Dict[str, Dict[str, Any]] = {
-    "lsq": {"base": "w4a4_lsq", "quant": {}},
-    "qgait": {"base": "w4a4_qgait", "quant": {}},
-    "qgait_lr1": {"base": "w4a4_qgait", "quant": {"schedule": {"lr_scale": 1.0}}},
-    "soft_noidd": {"base": "w4a4_qgait", "quant": {"idd": {"enabled": False}}},
+    "lsq": {"base": "w3a3_lsq", "quant": {}, "drop": True},
+    "qgait": {"base": "w3a3_qgait", "quant": {}, "drop": True},
+    "two_phase": {"base": "w3a3_qgait", "quant": {"idd": {"enabled": False}}, "drop": True},
+    "lsq_no_drop": {"base": "w3a3_lsq", "quant": {}, "drop": False},
+    "qgait_no_drop": {"base": "w3a3_qgait", "quant": {}, "drop": False},
 }
 
 
@@ -36,6 +40,7 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
     replaced only with ``overwrite``; the refusal names them."""
     from ..errors import OutputExists, short_repr
     from ..spec import check_bits
+    from ..yamlfile import load_yaml
     from .config import load_config, merge_dicts
     from .demo import QUICK_FP, demo_config_dir
     from .trainer import Trainer, checkpoint_files
@@ -64,6 +69,9 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
         raise OutputExists(f"{demo_dir}: holds an earlier W{bits}A{bits} ablation ({len(earlier)} files: "
                            f"{short_repr([os.path.basename(f) for f in earlier])}); pass --overwrite to replace it")
     fp_ckpt = fp_ckpts[-1]
+    # the share of the budget before QGait's switch, as the demo's QGait config has it
+    qg = load_yaml(demo_config_dir() / "w3a3_qgait.yaml")
+    split = int(qg["quant"]["schedule"]["ste_iters"]) / int(qg["trainer_cfg"]["total_iter"])
     print(f"ablate: FP checkpoint {fp_ckpt}", flush=True)
     results: Dict[str, Any] = {}
     for name in variants:
@@ -78,12 +86,16 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
         if quick:
             over = merge_dicts(over, {"trainer_cfg": {"sampler": QUICK_FP["trainer_cfg"]["sampler"]},
                                       "evaluator_cfg": QUICK_FP["evaluator_cfg"]})
+        base = demo_config_dir() / f"{spec['base']}.yaml"
+        budget = iters or int(load_yaml(base)["trainer_cfg"]["total_iter"])
+        switch = int(round(budget * split))  # QGait's phase switch, and every variant's lr drop
         if iters:
-            sched = {"ste_iters": iters} if spec["base"].endswith("lsq") else {"ste_iters": iters // 2,
-                                                                             "soft_iters": iters - iters // 2}
+            sched = {"ste_iters": iters} if spec["base"].endswith("lsq") else {"ste_iters": switch,
+                                                                             "soft_iters": iters - switch}
             over = merge_dicts(over, {"trainer_cfg": {"total_iter": iters, "save_iter": iters},
                                       "quant": {"schedule": sched}})
-        cfg = load_config(str(demo_config_dir() / f"{spec['base']}.yaml"), overrides=over)
+        over = merge_dicts(over, {"scheduler_cfg": {"milestones": [switch] if spec["drop"] else []}})
+        cfg = load_config(str(base), overrides=over)
         tr = Trainer(cfg, progress=progress)
         out = tr.train()
         ev = tr.evaluate()
@@ -105,8 +117,8 @@ def format_table(bits: int, results: Dict[str, Any]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-dir", default="output/demo", help="a finished `qgait demo --out` folder")
     p.add_argument("--bits", type=int, default=2, help="weight and activation bits (default 2)")
-    p.add_argument("--variants", default="lsq,qgait,qgait_lr1,soft_noidd", help=f"comma list of {list(VARIANTS)}")
-    p.add_argument("--iters", type=int, default=0, help="iteration budget per run (default: the demo configs', 60)")
+    p.add_argument("--variants", default="lsq,qgait,two_phase", help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--iters", type=int, default=0, help="iteration budget per run (default: the demo configs', 100)")
     p.add_argument("--quick", action="store_true", help="the demo folder came from `qgait demo --quick`")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier ablation at the same bit width")

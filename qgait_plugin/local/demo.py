@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
+
 from ..errors import ConfigError, InputNotFound
 from .config import merge_dicts
 
-METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w4a4_lsq", "w4a4_qgait")
+METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w3a3_lsq", "w3a3_qgait")
 
 #: generator settings of the default demo set (CASIA-B structure, fewer views and frames for CPU time)
 DATA_DEFAULT: Dict[str, Any] = dict(subjects=50, frames=20, views=(0, 36, 72, 108, 144, 180), height=64, width=56)
@@ -116,9 +118,9 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
 
     ``out`` is checked first (:func:`check_out_dir`): an earlier demo's results are replaced only
     with ``overwrite``."""
-    import numpy as np
     import torch
 
+    from ..bench.accuracy_report import subject_scores
     from ..quant.size import model_size_bytes
     from .config import load_config
     from .evaluate import inter_class_distances
@@ -199,6 +201,7 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
             "train_seconds": round(tr["train_seconds"], 1),
             "iterations": tr["iteration"],
             "config": str(cfg_dir / f"{name}.yaml"),
+            "subject_rank1": subject_scores(ev),
         }
         histories[name] = tr["history"]
         distances[name] = inter_class_distances(ev["embeddings"], ev["ids"])
@@ -214,13 +217,44 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
             "data": {k: list(v) if isinstance(v, tuple) else v
                      for k, v in (DATA_QUICK if quick else DATA_DEFAULT).items()},
             "torch_threads": torch.get_num_threads()})
-    print("\n" + md + "\n")
+        notes = what_one_run_shows(results)
+        with open(out_p / "results.md", "a") as f:
+            f.write("\n" + notes + "\n")
+    print("\n" + md + "\n\n" + notes + "\n")
     from .deploy import deploy_demo  # the quantized models as integer ONNX: size, latency vs FP32, agreement
 
     deploy_demo(out_p, results, quick=quick, progress=progress)
     print(f"[demo] wrote {out_p}/results.md, results.json, accuracy.png, distances.png, training_curves.png "
           f"in {timings['total']:.0f} s")
     return results
+
+
+def what_one_run_shows(results: Dict[str, Dict[str, Any]]) -> str:
+    """Per bit width: each method's gap to FP, and QGait - LSQ paired over the test subjects, said for what it is.
+
+    The interval pools the test subjects of one seed: it says how much the difference could move
+    with other test subjects, not with another training seed; ``qgait bench accuracy`` measures both.
+    """
+    from ..bench.stats import paired_interval
+
+    lines = ["## What this run can and cannot show", "",
+             "One seed per method. The interval of `qgait - lsq` is a 95 % paired interval over the test "
+             "subjects of this one run: it covers the choice of test subjects, not the training seed, whose "
+             "spread `qgait bench accuracy` measures (see the README). Read the gap to FP as the cost of "
+             "the bit width; read a QGait - LSQ difference inside its interval as no difference.", ""]
+    fp = results.get("fp")
+    for bits in sorted({r["weight_bits"] for r in results.values() if r["weight_bits"] < 32}, reverse=True):
+        lsq, qg = results.get(f"w{bits}a{bits}_lsq"), results.get(f"w{bits}a{bits}_qgait")
+        if fp is None or lsq is None or qg is None:
+            continue
+        fp_mean = fp["rank1"]["mean"]
+        ids = sorted(set(lsq["subject_rank1"]) & set(qg["subject_rank1"]))
+        diff = np.array([[qg["subject_rank1"][i] - lsq["subject_rank1"][i] for i in ids]])
+        iv = paired_interval(diff) if len(ids) >= 2 else None
+        lsq_gap, qg_gap = lsq["rank1"]["mean"] - fp_mean, qg["rank1"]["mean"] - fp_mean
+        lines.append(f"- W{bits}A{bits}: LSQ {lsq_gap:+.1f} and QGait {qg_gap:+.1f} points of mean rank-1 against "
+                     f"FP; QGait - LSQ {iv if iv else 'n/a'} over {len(ids)} test subjects.")
+    return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cfgs", required=True, help="YAML config, e.g. configs/demo/w4a4_qgait.yaml")
+    p.add_argument("--cfgs", required=True, help="YAML config, e.g. configs/demo/w3a3_qgait.yaml")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 

@@ -21,6 +21,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+#: attribute a quantized conv sets on its eval-mode output, naming itself to the BatchNorm hook below
+CONV_MARK = "_qgait_conv"
+
 #: scale of an exact first-layer input: the loaders feed ``uint8 / 255``
 EXACT_INPUT_SCALE = 1.0 / 255.0
 
@@ -39,7 +42,7 @@ def input_scale(conv: Any) -> Optional[float]:
 
 def round_folded_bias(bn: nn.Module, inputs: Any, output: torch.Tensor) -> Optional[torch.Tensor]:
     """Forward hook: in eval mode, put the folded bias of a conv + ``bn`` pair on its int32 grid."""
-    conv = getattr(inputs[0], "_qgait_conv", None) if inputs else None
+    conv = getattr(inputs[0], CONV_MARK, None) if inputs else None
     if conv is None or not _ACTIVE or bn.training or not isinstance(bn, nn.modules.batchnorm._BatchNorm) \
             or bn.running_mean is None or bn.running_var is None:
         return None

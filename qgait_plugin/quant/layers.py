@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from .bias import CONV_MARK
 from .quantizer import LSQQuantizer
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._conv_forward(self.quantize_input(x), self.weight_quant(self.weight), self.bias)
         if not self.training:  # a BatchNorm right after puts the folded bias on its int32 grid (quant/bias.py)
-            out._qgait_conv = self  # type: ignore[attr-defined]
+            setattr(out, CONV_MARK, self)
         return out
 
 
