@@ -7,13 +7,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# e.g. `make demo DEMO_ARGS=--overwrite` to replace an earlier demo's results in runs/demo
+DEMO_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qgait-installed
 
 .PHONY: demo test lint typecheck clean
 
 demo: $(STAMP)
-	$(BIN)/qgait demo --out runs/demo
+	$(BIN)/qgait demo --out runs/demo $(DEMO_ARGS)
 
 test: lint typecheck
 	$(BIN)/python -m pytest -q
