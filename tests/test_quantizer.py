@@ -153,3 +153,21 @@ def test_spec_validation_names_the_value(kwargs, message):
 def test_fake_quantize_names_an_unknown_rounding_mode():
     with pytest.raises(ConfigError, match=r"fake_quantize rounding: 'nearest' is not allowed"):
         fake_quantize(torch.randn(3), torch.tensor(0.1), -7, 7, rounding="nearest")
+
+
+def test_collapsed_steps_names_quantizers_whose_step_crossed_zero():
+    from qgait_plugin.quant.quantizer import collapsed_steps
+
+    net = torch.nn.ModuleDict({"a": LSQQuantizer(8, signed=True, kind="weight"),
+                               "b": LSQQuantizer(8, signed=True, kind="weight")})
+    x = torch.randn(4, 3)
+    for q in net.values():
+        q.step = torch.nn.Parameter(torch.ones(4, 1))
+        q(x)  # initialises from data
+    assert collapsed_steps(net) == {}
+    with torch.no_grad():
+        net["b"].step[1:3] = -1e-3  # an optimizer overshot through zero on two channels
+    assert collapsed_steps(net) == {"b": 2}
+    # and the forward pass really quantizes those channels to ~0, which is why it is reported
+    out = net["b"](x)
+    assert out[1:3].abs().max() < 1e-5 and out[0].abs().max() > 0.1

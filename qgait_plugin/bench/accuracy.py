@@ -277,6 +277,7 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
         "val_history": out["val_history"],
         "history": {k: [h.get(k) for h in hist] for k in keys},
         "train_seconds": out["train_seconds"], "wall_seconds": time.time() - t0,
+        "collapsed_steps": sum(out.get("collapsed_steps", {}).values()),
     }
 
 

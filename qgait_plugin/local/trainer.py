@@ -23,6 +23,7 @@ from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_di
 from ..config import ConfigError
 from ..errors import InputNotFound, NonFiniteError, OutputExists, short_repr
 from ..protocol import casia_b_protocol
+from ..quant.quantizer import collapsed_steps
 from .config import loss_terms, output_dir
 from .data import TripletSampler, collate_fixed, load_split
 from .evaluate import extract_embeddings
@@ -376,8 +377,14 @@ class Trainer:
         bar.close()
         if last is None and self.iteration > 0:
             last = self.save()
+        collapsed = collapsed_steps(self.model)
+        if collapsed:  # not an error (the model still runs), but not what anyone meant to train
+            total_entries = sum(collapsed.values())
+            print(f"WARNING {self.save_name}: {total_entries} step entries of {len(collapsed)} quantizers crossed zero "
+                  f"and quantize their channels to ~0 (e.g. {short_repr(sorted(collapsed)[:3])}): the steps' learning "
+                  "rate is too large for them; lower quant.step_lr_scale", flush=True)
         return {"iteration": self.iteration, "train_seconds": self.train_seconds, "history": self.history,
-                "val_history": self.val_history, "checkpoint": last}
+                "val_history": self.val_history, "checkpoint": last, "collapsed_steps": collapsed}
 
     def _idd_active(self) -> bool:
         """IDD acts from the start (``quant.idd.phase: all``) or once the soft phase has begun."""

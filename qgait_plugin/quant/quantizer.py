@@ -321,3 +321,21 @@ class LSQQuantizer(nn.Module):
             raise ConfigError(f"checkpoint: quantizer signed: {short_repr(signed)}; expected true, false or null")
         self.rounding = check_rounding(rounding, "checkpoint: quantizer rounding")
         self.signed, self.alpha, self.soft_forward, self.enabled = signed, alpha, soft_forward, enabled
+
+
+def collapsed_steps(model: nn.Module) -> Dict[str, int]:
+    """Quantizers whose learned step has entries at or below zero, with how many.
+
+    The forward pass clamps the step to ``STEP_EPS``, so such an entry quantizes its channel to
+    (almost) zero: the optimizer overshot through zero. It happens when the step's learning rate
+    is large against the step itself, e.g. Adam at 5e-4 on 8-bit weight steps of about 1e-3 (Adam
+    moves a parameter by about its learning rate per iteration, whatever the parameter's size);
+    lower ``quant.step_lr_scale`` for such runs.
+    """
+    out: Dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LSQQuantizer) and m.enabled and bool(m.initialized):
+            n = int((m.step.detach() <= STEP_EPS).sum())
+            if n:
+                out[name] = n
+    return out
