@@ -72,12 +72,17 @@ def test_tune_reads_validation_only(bench, tmp_path):
         assert json.loads(rec.read_text())["final_split"] == "VAL_SET"
 
 
-def test_tune_grid_errors(tmp_path, capsys):
+@pytest.mark.parametrize("text, message", [
+    ("bits: 3\nseeds: [0]\ncandidates:\n  - {name: a, qgiat: {}}\n", "candidates[0].qgiat: unknown key"),
+    ("bits: 3\nseeds: [0]\nbase: {qgiat: {alpha: 2.0}}\ncandidates:\n  - {name: a}\n",
+     "base: expected a mapping of qgait/qat/kd sections"),
+])
+def test_tune_grid_errors(tmp_path, capsys, text, message):
     grid = tmp_path / "g.yaml"
-    grid.write_text("bits: 3\nseeds: [0]\ncandidates:\n  - {name: a, qgiat: {}}\n")
+    grid.write_text(text)
     assert main(["bench", "tune", "--grid", str(grid), "--quick", "--out", str(tmp_path / "o"),
                  "--cache", str(tmp_path / "c")]) == 2
-    assert "candidates[0].qgiat: unknown key" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_diagnose_on_the_quick_benchmark(bench):
@@ -90,10 +95,3 @@ def test_diagnose_on_the_quick_benchmark(bench):
             assert all(v >= 0 for v in layers.values())
     assert (out / "diagnose" / "diagnose_w2.png").stat().st_size > 0
 
-
-def test_tune_grid_base_must_name_benchmark_sections(tmp_path, capsys):
-    grid = tmp_path / "g.yaml"
-    grid.write_text("bits: 3\nseeds: [0]\nbase: {qgiat: {alpha: 2.0}}\ncandidates:\n  - {name: a}\n")
-    assert main(["bench", "tune", "--grid", str(grid), "--quick", "--out", str(tmp_path / "o"),
-                 "--cache", str(tmp_path / "c")]) == 2
-    assert "base: expected a mapping of qgait/qat/kd sections" in capsys.readouterr().err
