@@ -177,7 +177,6 @@ def _input_scale(gr: Graph, name: str) -> Optional[float]:
 
 def fold_batchnorm(model: Any) -> int:
     """Fold each ``BatchNormalization`` that follows a Conv with a quantized weight into that Conv."""
-    from onnx import helper
 
     gr = Graph(model)
     folded = 0
@@ -209,12 +208,7 @@ def fold_batchnorm(model: Any) -> int:
                 continue
             bias = bias + np.asarray(b0, np.float64) * g
         base = conv.name or conv.output[0]
-        w_name = gr.add_init(f"{base}_w_int8", new_ints)
-        s_name = gr.add_init(f"{base}_w_scale", new_step)
-        z_name = gr.add_init(f"{base}_w_zp", np.zeros(cout, np.int8))
-        w_out = gr.unique(f"{base}_w")
-        new_dq = helper.make_node("DequantizeLinear", [w_name, s_name, z_name], [w_out], name=w_out, axis=0)
-        model.graph.node.insert(list(model.graph.node).index(conv), new_dq)
+        w_out = _insert_constant_dq(model, gr, conv, f"{base}_w", new_ints, new_step, f"{base}_w")
         b_name = gr.add_init(f"{base}_bias", bias.astype(np.float32))
         inputs = [conv.input[0], w_out, b_name]
         del conv.input[:]
@@ -227,9 +221,23 @@ def fold_batchnorm(model: Any) -> int:
     return folded
 
 
+def _insert_constant_dq(model: Any, gr: Graph, before: Any, prefix: str, ints: np.ndarray, scale: np.ndarray,
+                        out_name: str) -> str:
+    """A per-channel (axis 0, zero point 0) DequantizeLinear of constant ``ints`` inserted before
+    ``before``; its initializers are named ``<prefix>_<dtype>``, ``_scale``, ``_zp``. Returns its output."""
+    from onnx import helper
+
+    q_name = gr.add_init(f"{prefix}_{ints.dtype.name}", ints)
+    s_name = gr.add_init(f"{prefix}_scale", scale)
+    z_name = gr.add_init(f"{prefix}_zp", np.zeros(ints.shape[0], ints.dtype))
+    out = gr.unique(out_name)
+    node = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], name=out, axis=0)
+    model.graph.node.insert(list(model.graph.node).index(before), node)
+    return out
+
+
 def int32_biases(model: Any) -> int:
     """Give each quantized Conv's float bias as int32 at scale ``s_x * s_w`` behind a DequantizeLinear."""
-    from onnx import helper
 
     gr = Graph(model)
     done = 0
@@ -248,13 +256,7 @@ def int32_biases(model: Any) -> int:
         info = np.iinfo(np.int32)
         q = np.clip(np.rint(b.astype(np.float64) / sb.astype(np.float64)), info.min, info.max).astype(np.int32)
         base = conv.name or conv.output[0]
-        qn = gr.add_init(f"{base}_bias_int32", q)
-        sn = gr.add_init(f"{base}_bias_scale", sb)
-        zn = gr.add_init(f"{base}_bias_zp", np.zeros(cout, np.int32))
-        out = gr.unique(f"{base}_bias_dq")
-        node = helper.make_node("DequantizeLinear", [qn, sn, zn], [out], name=out, axis=0)
-        model.graph.node.insert(list(model.graph.node).index(conv), node)
-        conv.input[2] = out
+        conv.input[2] = _insert_constant_dq(model, gr, conv, f"{base}_bias", q, sb, f"{base}_bias_dq")
         gr.refresh()
         done += 1
     drop_unused_initializers(model)

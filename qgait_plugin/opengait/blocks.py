@@ -64,23 +64,14 @@ class P3DBlockHandler(ConvBNBlockHandler):
         super().__init__(shortcut="downsample", forward_mixin=P3DBlockForward)
 
     def plan(self, block: nn.Module) -> Optional[BlockPlan]:
-        first = first_quant_layer(getattr(block, "conv1", None))
-        second = first_quant_layer(getattr(block, "conv2", None))
+        """The conv-BN block's plan, plus the temporal conv whose input is also added (``tmp_quant``)."""
         temporal = first_quant_layer(getattr(block, "shortcut3d", None))
-        if not (usable_layer(first) and usable_layer(second) and usable_layer(temporal)):
+        base = super().plan(block) if usable_layer(temporal) else None
+        if base is None:
             return None
-        assert first is not None and temporal is not None
-        layers = [first]
-        quantizers = {"tmp_quant": True, "res_quant": True}
-        shortcut = getattr(block, "downsample", None)
-        if not is_identity_shortcut(shortcut):
-            down = first_quant_layer(shortcut)
-            if not usable_layer(down):
-                return None
-            assert down is not None
-            layers.append(down)
-            quantizers["sc_quant"] = True
-        return BlockPlan(layers, prequantized=[temporal], quantizers=quantizers)
+        assert temporal is not None
+        return BlockPlan(base.input_layers, prequantized=[temporal],
+                         quantizers={"tmp_quant": True, **base.quantizers})
 
 
 _CONV_BN = ConvBNBlockHandler(shortcut="downsample")

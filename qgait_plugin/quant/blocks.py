@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .handlers import lookup_by_type
 from .layers import QuantLayerMixin
 from .quantizer import LSQQuantizer
 
@@ -146,9 +147,9 @@ class ConvBNBlockHandler(BlockHandler):
         if not (usable_layer(first) and usable_layer(second)):
             return None
         assert first is not None
-        shortcut = getattr(block, self.shortcut, None)
         layers = [first]
         quantizers = {"res_quant": True}
+        shortcut = getattr(block, self.shortcut, None)
         if not is_identity_shortcut(shortcut):
             down = first_quant_layer(shortcut)
             if not usable_layer(down):
@@ -195,13 +196,7 @@ def unregister_block_handler(block_type: Type[nn.Module]) -> None:
 
 def find_block_handler(module: nn.Module) -> Optional[BlockHandler]:
     """The handler for ``module``'s type, or for a registered base whose ``forward`` it keeps."""
-    cls = type(module)
-    if cls in _REGISTRY:
-        return _REGISTRY[cls]
-    for base in cls.__mro__[1:]:
-        if issubclass(base, nn.Module) and base in _REGISTRY and cls.forward is base.forward:
-            return _REGISTRY[base]
-    return None
+    return lookup_by_type(_REGISTRY, module)
 
 
 def quantize_blocks(model: nn.Module, cfg: QuantConfig) -> List[str]:

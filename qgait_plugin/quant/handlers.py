@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import torch
 from torch import nn
@@ -70,6 +70,8 @@ class ParamMatmulHandler(LayerHandler):
 
 
 _REGISTRY: Dict[type, LayerHandler] = {}
+#: a registry's handler type (layer or block handlers)
+H = TypeVar("H")
 
 
 def register_handler(module_type: Type[nn.Module], handler: LayerHandler) -> None:
@@ -92,12 +94,19 @@ def find_handler(module: nn.Module) -> Optional[LayerHandler]:
     A subclass that overrides ``forward`` computes something else and is left alone (it may still
     contain convertible children).
     """
+    return lookup_by_type(_REGISTRY, module)
+
+
+def lookup_by_type(registry: Mapping[type, H], module: nn.Module) -> Optional[H]:
+    """``registry``'s entry for ``module``'s exact type, or for a base class whose ``forward`` it keeps.
+
+    Shared by the layer and the block handler registries."""
     cls = type(module)
-    if cls in _REGISTRY:
-        return _REGISTRY[cls]
+    if cls in registry:
+        return registry[cls]
     for base in cls.__mro__[1:]:
-        if issubclass(base, nn.Module) and base in _REGISTRY and cls.forward is base.forward:
-            return _REGISTRY[base]
+        if issubclass(base, nn.Module) and base in registry and cls.forward is base.forward:
+            return registry[base]
     return None
 
 
