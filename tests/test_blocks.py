@@ -50,7 +50,7 @@ def test_blocks_quantize_the_tensors_around_their_adds():
     m.train()(_x())["embeddings"].sum().backward()
     assert len(calls) == 1  # quantized once per forward, for conv1 and the shortcut
     for q in (proj.res_quant, proj.sc_quant, blocks[-1].out_quant):
-        assert q.step.grad is not None and torch.isfinite(q.step.grad).all()
+        assert q.scaled_log_step.grad is not None and torch.isfinite(q.scaled_log_step.grad).all()
 
 
 def test_fp_checkpoint_loads_and_old_checkpoints_load_with_residual_off():

@@ -165,8 +165,8 @@ def test_param_matmul_handler_quantizes_raw_parameter():
         assert rel_err(out, ref) < 0.3
         out.sum().backward()
         assert fc.fc_bin.grad is not None
-        assert fc.weight_quant.step.grad is not None and fc.act_quant.step.grad is not None
-        assert "fc.fc_bin" in model.state_dict() and "fc.weight_quant.step" in model.state_dict()
+        assert fc.weight_quant.scaled_log_step.grad is not None and fc.act_quant.scaled_log_step.grad is not None
+        assert "fc.fc_bin" in model.state_dict() and "fc.weight_quant.scaled_log_step" in model.state_dict()
         rep = coverage_report(fc, x)
         assert rep.quantized_mac_fraction == 1.0 and rep.total_macs == 5 * 4 * 8 * 6
     finally:

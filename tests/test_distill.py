@@ -380,7 +380,7 @@ def test_param_groups_all_trains_everything_once():
     assert groups.frozen == []
     steps = next(g for g in groups if g["name"] == "quantizer_steps")
     assert steps["weight_decay"] == 0.0
-    assert {id(p) for p in steps["params"]} == {id(q.step) for _, q in iter_quantizers(student) if q.enabled}
+    assert {id(p) for p in steps["params"]} == {id(q.scaled_log_step) for _, q in iter_quantizers(student) if q.enabled}
     torch.optim.SGD(groups, lr=0.1, weight_decay=1e-4)  # torch accepts the groups as they are
 
 
@@ -390,7 +390,8 @@ def test_param_groups_quantizers_trains_only_steps_and_bn():
     groups = qat_param_groups(student, "quantizers")
     assert {g["name"] for g in groups} == {"quantizer_steps", "bn"}
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
-    assert trainable and all(n.endswith(".step") or n.startswith(("backbone.1.", "backbone.4.")) for n in trainable)
+    assert trainable and all(n.endswith(".scaled_log_step") or n.startswith(("backbone.1.", "backbone.4."))
+                             for n in trainable)
     assert set(groups.frozen) == trainable_before - trainable
     assert "fc.weight" in groups.frozen and "backbone.0.weight" in groups.frozen
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
@@ -403,7 +404,7 @@ def test_param_groups_quantizers_trains_only_steps_and_bn():
     for n, p in student.named_parameters():
         if not p.requires_grad:
             assert p.grad is None and torch.equal(p, before[n]), n
-    assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters() if n.endswith(".step"))
+    assert any(not torch.equal(p, before[n]) for n, p in student.named_parameters() if n.endswith(".scaled_log_step"))
 
 
 def test_param_groups_rejects_bad_requests():

@@ -10,6 +10,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import INT8_EXACT, w8_cosine_floor
 from torch import nn
 
 from qgait_plugin import quantize_model
@@ -17,6 +18,7 @@ from qgait_plugin.local.model import GaitBaseLite, register_quant_handlers
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+
 from qgait_plugin.export import passes  # noqa: E402
 from qgait_plugin.export.deploy import IO_NAMES, float_copy  # noqa: E402
 from qgait_plugin.export.onnx_export import _trace, export_onnx  # noqa: E402
@@ -62,7 +64,7 @@ def test_onnx_reproduces_the_fake_quantized_model(tmp_path, bits, residual):
         ref = head(x)
     info = export_onnx(head, (x[:1],), str(tmp_path / "m.onnx"), **IO_NAMES)
     out = torch.from_numpy(run_session(cpu_session(info["path"], 1), x.numpy())[0])  # dynamic batch
-    assert _cos(out, ref).min() >= 0.9999
+    assert _cos(out, ref).min() >= w8_cosine_floor(bits)
     assert all(type(q).__name__ == "LSQQuantizer" for _, q in iter_quantizers(head))  # export swapped them back
     qmax = 2 ** (bits - 1) - 1
     m = onnx.load(info["path"])
@@ -188,7 +190,7 @@ def test_same_rank1_as_pytorch_on_a_generated_test_set(tmp_path):
                                      "resolution": [32, 22]},
                         "evaluator_cfg": {"sampler": {"frames_all_limit": 6}}})
     test = load_split(cfg["data_cfg"], "TEST_SET") or load_split(cfg["data_cfg"], "TRAIN_SET")
-    for bits in (8, 4, 3):
+    for bits in (8, 4, 3) if INT8_EXACT else (4, 3):  # W8 on AVX2-only CPUs: tests/conftest.py
         head = trained_ish(bits)
         path = str(tmp_path / f"m{bits}.onnx")
         export_onnx(head, (sils(1),), path, **IO_NAMES)

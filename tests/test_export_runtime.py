@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import w8_cosine_floor
 
 from qgait_plugin.export.runtime import time_calls
 
@@ -70,8 +71,8 @@ def test_bench_export_quick_writes_table_and_json(tmp_path, capsys):
     assert set(net["latency"]["ort/1"]) == {"fp32", "w8a8", "w4a4"}
     assert net["latency"]["ort/1"]["w8a8"]["runs"] == 3
     assert set(net["bytes"]) == {"fp32", "w8a8", "w4a4", "packed_w4a4"}
-    assert min(net["cosine_vs_torch"].values()) >= 0.9999
+    assert min(net["cosine_vs_torch"].values()) >= w8_cosine_floor(8)
     assert net["optimized_ops"]["w8a8"].get("com.microsoft:QLinearAdd", 0) >= 1
-    assert set(res["cpu"]["flags"]) >= {"AVX2", "AVX-512 VNNI", "AMX-INT8"}
+    assert "AVX2" in res["cpu"]["flags"]  # the flags read from /proc/cpuinfo (which differ between machines)
     text = capsys.readouterr().out
     assert "CPU:" in text and "| onnxruntime | 1 | W8A8 |" in text and (tmp_path / "bench.md").is_file()

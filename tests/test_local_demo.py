@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+from conftest import INT8_EXACT, w8_cosine_floor
 
 from qgait_plugin.cli import main
 from qgait_plugin.local.demo import METHODS
@@ -31,8 +32,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "| w3a3_qgait |" in capsys.readouterr().out
     # the demo ends by deploying: integer ONNX per quantized model, agreeing with PyTorch (local/deploy.py)
     dep = json.loads((out / "deploy" / "deploy.json").read_text())
-    assert set(dep) == set(METHODS) and all(d["cosine_min"] >= 0.9999 for d in dep.values())
-    assert all(d["rank1_runtime"] == d["rank1_torch"] for d in dep.values())
+    assert set(dep) == set(METHODS) and all(d["cosine_min"] >= w8_cosine_floor(8) for d in dep.values())
+    # W8 on AVX2-only CPUs: onnxruntime's u8s8 kernels saturate (tests/conftest.py), a near-tie may flip
+    assert all(d["rank1_runtime"] == d["rank1_torch"] for m, d in dep.items() if INT8_EXACT or "w8" not in m)
 
     # the ablation reruns QAT variants from the finished demo's data and FP checkpoint
     assert main(["ablate", "--demo-dir", str(out), "--bits", "3", "--variants", "lsq,two_phase", "--iters", "2",

@@ -104,7 +104,8 @@ def test_checkpoint_holds_quantizers_and_schedule(ws, qat_runs):
     sd = torch.load(ws["dir"] / "output/CASIA-B/Baseline/qat/checkpoints/qat-00003.pt", map_location="cpu",
                     weights_only=False)
     model = sd["model"]
-    assert any(k.endswith("act_quant.step") for k in model) and any(k.endswith("weight_quant.step") for k in model)
+    assert any(k.endswith("act_quant.scaled_log_step") for k in model)
+    assert any(k.endswith("weight_quant.scaled_log_step") for k in model)
     state = model["qgait_state._extra_state"]
     assert state["schedule"]["phase"] == "soft" and state["schedule"]["lr_scaled"] is True
     # the lr was scaled once at the switch (0.01 -> 0.001) and saved with the optimizer

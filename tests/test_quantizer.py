@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qgait_plugin import ConfigError, LSQQuantizer, QuantizerSpec, fake_quantize
-from qgait_plugin.quant.quantizer import qrange
+from qgait_plugin.quant.quantizer import STEP_LOG_SCALE, qrange
 
 
 def _on_grid(out, step, qmin, qmax):
@@ -58,14 +58,16 @@ def test_module_applies_lsq_gradient_scale():
     w = torch.randn(4, 8, dtype=torch.float64)
     q = LSQQuantizer(4, "weight", channel_shape=(4, 1)).double()
     q(w)  # initialise
-    s = q.step.detach().clone()
-    q.step.grad = None
+    s = q.step.clone()
+    q.scaled_log_step.grad = None
     q(w).sum().backward()
     v = torch.clamp(w / s, -7, 7)
     inside = (w / s >= -7) & (w / s <= 7)
     raw = torch.where(inside, torch.round(v) - w / s, v).sum(dim=1, keepdim=True)
     g = 1 / math.sqrt(8 * 7)
-    torch.testing.assert_close(q.step.grad, raw * g)
+    # theta = ln(s) / STEP_LOG_SCALE receives LSQ's scaled step gradient g dL/ds / STEP_LOG_SCALE (not
+    # the chain rule's s g dL/ds): SGD on theta is LSQ's SGD on s with a learning rate proportional to s
+    torch.testing.assert_close(q.scaled_log_step.grad, raw * g / STEP_LOG_SCALE)
 
 
 def test_step_stays_positive_and_init_is_data_driven():
@@ -74,9 +76,11 @@ def test_step_stays_positive_and_init_is_data_driven():
     q(x)
     assert bool(q.initialized) and 0 < q.step.item() <= 4 / 255 * 1.01
     with torch.no_grad():
-        q.step.fill_(-1.0)  # an optimizer overshoot must not flip the grid or divide by zero
+        q.scaled_log_step.fill_(-80.0)  # far below the floor: the step is clamped, nothing divides by zero
     out = q(x)
     assert torch.isfinite(out).all() and (out >= 0).all()
+    with pytest.raises(ValueError, match="finite and positive"):
+        q.set_step(torch.tensor(-1.0))
 
 
 def test_uninitialised_activation_in_eval_raises():
@@ -88,7 +92,7 @@ def test_uninitialised_activation_in_eval_raises():
 def test_bits_32_is_identity_and_takes_no_gradient():
     q = LSQQuantizer(32, "act")
     x = torch.randn(3, 5)
-    assert q(x) is x and not q.step.requires_grad
+    assert q(x) is x and not q.scaled_log_step.requires_grad
 
 
 def test_extra_state_round_trip_and_mismatch_error():
@@ -155,18 +159,17 @@ def test_fake_quantize_names_an_unknown_rounding_mode():
         fake_quantize(torch.randn(3), torch.tensor(0.1), -7, 7, rounding="nearest")
 
 
-def test_collapsed_steps_names_quantizers_whose_step_crossed_zero():
+def test_collapsed_steps_names_quantizers_whose_step_sits_at_the_floor():
     from qgait_plugin.quant.quantizer import collapsed_steps
 
-    net = torch.nn.ModuleDict({"a": LSQQuantizer(8, signed=True, kind="weight"),
-                               "b": LSQQuantizer(8, signed=True, kind="weight")})
+    net = torch.nn.ModuleDict({"a": LSQQuantizer(8, signed=True, kind="weight", channel_shape=(4, 1)),
+                               "b": LSQQuantizer(8, signed=True, kind="weight", channel_shape=(4, 1))})
     x = torch.randn(4, 3)
     for q in net.values():
-        q.step = torch.nn.Parameter(torch.ones(4, 1))
         q(x)  # initialises from data
     assert collapsed_steps(net) == {}
     with torch.no_grad():
-        net["b"].step[1:3] = -1e-3  # an optimizer overshot through zero on two channels
+        net["b"].scaled_log_step[1:3] = -40.0  # driven far below the STEP_EPS floor on two channels
     assert collapsed_steps(net) == {"b": 2}
     # and the forward pass really quantizes those channels to ~0, which is why it is reported
     out = net["b"](x)

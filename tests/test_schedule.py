@@ -32,8 +32,9 @@ def batch(it):
 
 def build(scheduler_kind="multistep"):
     model = tiny_model()
-    opt = torch.optim.SGD([{"params": [p for n, p in model.named_parameters() if not n.endswith("step")]},
-                           {"params": [p for n, p in model.named_parameters() if n.endswith("step")], "lr": LR / 2}],
+    named = list(model.named_parameters())
+    opt = torch.optim.SGD([{"params": [p for n, p in named if not n.endswith("_log_step")]},
+                           {"params": [p for n, p in named if n.endswith("_log_step")], "lr": LR / 2}],
                           lr=LR, momentum=0.9)
     if scheduler_kind == "multistep":
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, STE + 2], gamma=0.5)

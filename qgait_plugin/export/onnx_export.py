@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
+from ..compat import onnx_export_kwargs
 from .passes import integer_graph, integer_pattern_problems, op_counts
 from .qdq import export_mode
 
@@ -37,9 +38,9 @@ def _trace(model: nn.Module, args: tuple, path: str, opset: int, input_names: Se
         # dynamo=False is deliberate (the dynamo exporter fails on fake-quantize ops): no need to warn
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
-        torch.onnx.export(model, args, path, dynamo=False, opset_version=opset, input_names=list(input_names),
+        torch.onnx.export(model, args, path, opset_version=opset, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dyn, do_constant_folding=True,
-                          autograd_inlining=False)
+                          **onnx_export_kwargs())
 
 
 def _axes(input_names: Sequence[str], output_names: Sequence[str], dynamic_batch: bool,

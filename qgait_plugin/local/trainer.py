@@ -380,9 +380,9 @@ class Trainer:
         collapsed = collapsed_steps(self.model)
         if collapsed:  # not an error (the model still runs), but not what anyone meant to train
             total_entries = sum(collapsed.values())
-            print(f"WARNING {self.save_name}: {total_entries} step entries of {len(collapsed)} quantizers crossed zero "
-                  f"and quantize their channels to ~0 (e.g. {short_repr(sorted(collapsed)[:3])}): the steps' learning "
-                  "rate is too large for them; lower quant.step_lr_scale", flush=True)
+            print(f"WARNING {self.save_name}: {total_entries} step entries of {len(collapsed)} quantizers sit at the "
+                  f"1e-8 floor and quantize their channels to ~0 (e.g. {short_repr(sorted(collapsed)[:3])}): training "
+                  "drove them down by many orders of magnitude; lower quant.step_lr_scale", flush=True)
         return {"iteration": self.iteration, "train_seconds": self.train_seconds, "history": self.history,
                 "val_history": self.val_history, "checkpoint": last, "collapsed_steps": collapsed}
 

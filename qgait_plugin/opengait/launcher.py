@@ -204,7 +204,7 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         if dump_quantizers and run_ctx.model is not None:
             from ..quant.convert import iter_quantizers
 
-            steps = {n: q.step.detach().cpu() for n, q in iter_quantizers(run_ctx.model)}
+            steps = {n: q.effective_step().cpu() for n, q in iter_quantizers(run_ctx.model)}
             target = Path(dump_quantizers.replace("{rank}", str(dist.get_rank())))
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"rank": dist.get_rank(), "iteration": run_ctx.model.iteration, "steps": steps}, target)

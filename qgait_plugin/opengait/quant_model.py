@@ -10,6 +10,10 @@ just calls the original. With ``quant:``, along OpenGait's ``BaseModel`` life cy
   (strict except for quantizer keys) and builds the FP teacher from the same weights; the teacher
   is kept outside ``state_dict``, the optimizer and DDP; ``idd.params: quantizers`` freezes
   everything but quantizer steps and BatchNorm before OpenGait builds its optimizer;
+* ``get_optimizer``: OpenGait's optimizer (its ``solver`` and arguments), over
+  :func:`~qgait_plugin.param_groups.qat_param_groups`: the quantizer steps in a group without
+  weight decay (decay would pull ``ln s`` towards 0, i.e. every step towards 1) and with
+  ``quant.step_lr_scale`` times the learning rate;
 * ``forward``: adds ``{student, teacher, labels}`` under the IDD loss's ``log_prefix``;
 * ``train_step``: after OpenGait's step, applies the two-phase schedule for the next iteration;
 * ``qgait_state`` submodule: its extra state (schedule state) travels in OpenGait's checkpoints,
@@ -72,6 +76,7 @@ if TYPE_CHECKING:
         def __init__(self, cfgs: Dict[str, Any], training: bool) -> None: ...
         def build_network(self, model_cfg: Dict[str, Any]) -> None: ...
         def init_parameters(self) -> None: ...
+        def get_optimizer(self, optimizer_cfg: Dict[str, Any]) -> torch.optim.Optimizer: ...
         def train_step(self, loss_sum: torch.Tensor) -> bool: ...
         def save_ckpt(self, iteration: int) -> None: ...
         def _load_ckpt(self, save_name: str) -> None: ...
@@ -153,6 +158,17 @@ class QuantAwareModel(_BaseModel):
             self.msg_mgr.log_info(f"qgait: idd.params=quantizers froze {len(frozen)} parameters")
 
     # -- training ---------------------------------------------------------------------------
+    def get_optimizer(self, optimizer_cfg: Dict[str, Any]) -> torch.optim.Optimizer:
+        opt = super().get_optimizer(optimizer_cfg)
+        qcfg = self._qgait_cfg
+        if qcfg is None:
+            return opt
+        lr = opt.defaults.get("lr")
+        step_lr = None if lr is None or qcfg.step_lr_scale == 1.0 else float(lr) * qcfg.step_lr_scale
+        # the same solver and arguments, over groups: parameters frozen by idd.params=quantizers
+        # (init_parameters) no longer require grad and stay out
+        return type(opt)(qat_param_groups(self, "all", step_lr=step_lr), **opt.defaults)
+
     def forward(self, inputs: Any) -> Dict[str, Any]:
         retval = super().forward(inputs)
         teacher = get_teacher(self)

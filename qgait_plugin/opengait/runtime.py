@@ -11,11 +11,14 @@ No file of the checkout is edited. :class:`CpuRuntime` replaces, for the life of
 * ``torch.load(map_location=cuda...)`` -> ``map_location="cpu"`` (checkpoint restore);
 * ``get_ddp_module`` -> the same DDP pass-through wrapper without ``device_ids``, in every module
   that imported it by name (``utils.common``, ``utils``, ``modeling.loss_aggregator`` and the
-  main script's namespace, passed in by the launcher).
+  main script's namespace, passed in by the launcher);
+* ``enable_float16`` (``torch.cuda.amp.autocast`` and ``GradScaler`` imported by name into
+  ``modeling.base_model``) -> CPU autocast in bfloat16, which needs no loss scaling, and a
+  GradScaler that passes through: a config keeps OpenGait's ``enable_float16: true`` on CPU.
 
 What cannot be redirected safely is reported by :func:`cpu_config_problems` as config keys to
-change (SyncBN, float16/AMP, test batch size), so a run fails early with the key, its value and
-the value needed instead of deep inside PyTorch.
+change (SyncBN, test batch size), so a run fails early with the key, its value and the value
+needed instead of deep inside PyTorch.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
 import torch
 from torch import nn
 
+from ..compat import cpu_autocast, disabled_grad_scaler
 from .dotted import get_dotted, set_dotted
 
 
@@ -55,10 +59,6 @@ def cpu_config_problems(cfgs: Dict[str, Any], world_size: int, training: bool) -
     if training and get_dotted(cfgs, "trainer_cfg.sync_BN"):
         probs.append(CpuProblem("trainer_cfg.sync_BN", get_dotted(cfgs, "trainer_cfg.sync_BN"), False,
                                 "SyncBatchNorm runs on CUDA only"))
-    for sec in (("trainer_cfg",) if training else ()) + ("evaluator_cfg",):
-        if get_dotted(cfgs, f"{sec}.enable_float16"):
-            probs.append(CpuProblem(f"{sec}.enable_float16", True, False,
-                                    "OpenGait's float16 path uses torch.cuda.amp (GradScaler/autocast for CUDA)"))
     bs = get_dotted(cfgs, "evaluator_cfg.sampler.batch_size")
     with_test = bool(get_dotted(cfgs, "trainer_cfg.with_test")) if training else True
     if with_test and bs != world_size:
@@ -112,6 +112,10 @@ class CpuRuntime:
         self._replace(nn.Module, "cuda", lambda self_, *a, **k: self_)
         self._replace(nn.Module, "to", module_to)
         self._replace(torch, "load", load)
+        if hasattr(og.base_model, "autocast"):
+            self._replace(og.base_model, "autocast", cpu_autocast)
+        if hasattr(og.base_model, "GradScaler"):
+            self._replace(og.base_model, "GradScaler", lambda *a, **k: disabled_grad_scaler())
         for ns in (og.common, og.utils, og.loss_aggregator) + tuple(extra_namespaces):
             if hasattr(ns, "get_ddp_module"):
                 self._replace(ns, "get_ddp_module", get_ddp_module)

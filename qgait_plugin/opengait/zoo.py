@@ -93,7 +93,7 @@ def check_model(og: Any, name: str, bits: int = 4, small: bool = False) -> Dict[
     inputs = example_inputs(2 if small else 4, frames, h, w)
     outs = _outputs(model(inputs))
     torch.stack([o.float().pow(2).mean() for o in outs]).sum().backward()
-    steps = [q.step for _, q in iter_quantizers(model) if q.enabled]
+    steps = [q.scaled_log_step for _, q in iter_quantizers(model) if q.enabled]
     with_grad = sum(1 for s in steps if s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0)
     report = coverage_report(model, (inputs,))
     return {"model": name, "quantizers": len(steps), "steps_with_grad": with_grad,

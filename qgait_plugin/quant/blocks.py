@@ -224,7 +224,7 @@ def quantize_blocks(model: nn.Module, cfg: QuantConfig) -> List[str]:
             layer.qgait_input_quantized = True
         for layer in plan.prequantized:
             layer.qgait_input_quantized = True
-        device = owner.weight_quant.step.device
+        device = owner.weight_quant.scaled_log_step.device
         for qname, signed in plan.quantizers.items():
             block.add_module(qname, LSQQuantizer.from_spec(cfg.residual_spec(signed)).to(device))
         block.__class__ = handler.quant_class(type(block))

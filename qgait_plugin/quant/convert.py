@@ -98,8 +98,8 @@ def iter_quantizers(model: nn.Module) -> Iterator[Tuple[str, LSQQuantizer]]:
 
 
 def quantizer_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The learned step sizes (for optimizer groups and calibration)."""
-    return [q.step for _, q in iter_quantizers(model)]
+    """The learned step parameters (``log s`` of each quantizer), for optimizer groups and calibration."""
+    return [q.scaled_log_step for _, q in iter_quantizers(model)]
 
 
 def is_quantized(model: nn.Module) -> bool:

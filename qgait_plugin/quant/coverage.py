@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..compat import scaled_dot_product_attention
 from ..spec import FP_BITS
 from .layers import QuantLayerMixin
 
@@ -63,8 +64,10 @@ _MAC_FUNCS = {
     torch.matmul: _matmul_macs, torch.Tensor.matmul: _matmul_macs, torch.Tensor.__matmul__: _matmul_macs,
     torch.bmm: _matmul_macs, torch.Tensor.bmm: _matmul_macs, torch.mm: _matmul_macs, torch.Tensor.mm: _matmul_macs,
     torch.addmm: _addmm_macs, torch.baddbmm: _addmm_macs,
-    torch.einsum: _einsum_macs, F.scaled_dot_product_attention: _sdpa_macs,
+    torch.einsum: _einsum_macs,
 }
+if scaled_dot_product_attention is not None:  # torch >= 2.0
+    _MAC_FUNCS[scaled_dot_product_attention] = _sdpa_macs
 
 
 class _MacCounter(TorchFunctionMode):

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Dict, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from ..compat import functional_call
 from .bias import CONV_MARK
 from .quantizer import LSQQuantizer
 
@@ -83,7 +83,8 @@ class _QuantParamForward(QuantLayerMixin):
     """Forward for modules that multiply their input by a raw ``nn.Parameter`` in their own code.
 
     The module's own forward runs unchanged, with the parameter replaced by its quantized
-    version through ``torch.func.functional_call`` and its first input quantized. A flag stops
+    version through ``functional_call`` (``torch.func``'s, or 1.13's ``stateless`` one) and its first
+    input quantized. A flag stops
     the recursion, since ``functional_call`` calls this same forward.
     """
 

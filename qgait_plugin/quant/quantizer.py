@@ -1,9 +1,17 @@
 """The LSQ fake quantizer: a learned step size, a clamp and one of the rounding modes.
 
-``x_hat = s * R(clamp(x / s, qmin, qmax))``. Autograd through the clamp gives the usual LSQ
-gradients: for ``x`` the rounding mode's derivative inside the range and 0 outside; for ``s``
-``R(v) - v R'(v)`` inside and ``qmin``/``qmax`` outside (Esser et al. 2020), scaled by
-``g = 1/sqrt(numel * qmax)``.
+``x_hat = s * R(clamp(x / s, qmin, qmax))``. The gradients are LSQ's (Esser et al. 2020): for
+``x`` the rounding mode's derivative inside the range and 0 outside; for ``s`` ``R(v) - v R'(v)``
+inside and ``qmin``/``qmax`` outside, scaled by ``g = 1/sqrt(numel * qmax)``.
+
+The quantizer learns ``theta = ln(s) / STEP_LOG_SCALE`` (parameter ``scaled_log_step``), not ``s``:
+an optimizer step on ``s`` itself can cross zero (Adam moves every parameter by about its learning
+rate per iteration, which is a large fraction of an 8-bit weight step of ~1e-3; SGD with momentum
+overshoots too), and a step at the floor quantizes its channel to 0. A logarithm has no floor to
+cross. See :class:`_LogStep` for the scale and for how LSQ's gradient scale carries over.
+
+Quantization arithmetic runs in fp32 whatever the input's dtype: under fp16/bf16 autocast ``x / s``
+in half precision loses the fraction that ``round(v) - v`` (the step's gradient) is made of.
 """
 from __future__ import annotations
 
@@ -20,6 +28,12 @@ from .rounding import ROUNDINGS, soft_round_value
 
 #: Smallest step the quantizer divides by: an optimizer overshoot cannot flip the grid or divide by zero.
 STEP_EPS = 1e-8
+
+#: ``s = exp(STEP_LOG_SCALE * theta)``: Adam moves ``theta`` by about its learning rate per iteration,
+#: so ``s`` by about 10x that, relatively: the relative pace of a conv weight of magnitude 0.1 under
+#: the same optimizer (measured on a small W8A8/W3A3 conv net: 1 learns 8-bit steps too slowly under
+#: Adam 1e-4..5e-4, 10 trains to a lower loss than the linear step did, with no step collapsed).
+STEP_LOG_SCALE = 10.0
 
 #: How a freshly initialised step is made equal on every rank; ``None`` means "average with
 #: ``all_reduce`` when torch.distributed is initialised". Hosts may replace it.
@@ -110,28 +124,73 @@ class _FusedFakeQuant(torch.autograd.Function):
 _STE_GRAD = ROUNDINGS["ste"].grad  # R' = 1: the backward skips the multiplication
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, rounding: str = "ste",
                   alpha: float = 3.0, soft_forward: bool = False, grad_scale: float = 1.0) -> torch.Tensor:
     """``step * R(clamp(x / step, qmin, qmax))``, differentiable in ``x`` and ``step``.
 
     ``step`` broadcasts against ``x`` (a scalar for per-tensor, ``[C, 1, ...]`` for per-channel)
-    and is clamped to a tiny positive value, so an optimizer overshoot cannot flip the grid.
-    ``grad_scale`` multiplies the step's gradient (LSQ's ``g``). With ``soft_forward`` and the
-    ``soft`` mode the surrogate replaces ``round`` in the forward pass too (through autograd).
-    ``rounding`` is a name of :data:`~qgait_plugin.quant.rounding.ROUNDINGS` (checked only when
-    the lookup fails, so a training step pays nothing for it).
+    and must be finite and positive; ``qmin <= qmax``. ``grad_scale`` multiplies the step's
+    gradient (LSQ's ``g``). With ``soft_forward`` and the ``soft`` mode the surrogate replaces
+    ``round`` in the forward pass too (through autograd). ``rounding`` is a name of
+    :data:`~qgait_plugin.quant.rounding.ROUNDINGS`. The arithmetic runs in fp32; the result has
+    ``x``'s dtype. Raises ``ValueError`` for arguments outside these rules.
     """
-    try:
-        mode = ROUNDINGS[rounding]
-    except KeyError:
+    if not (isinstance(qmin, int) and isinstance(qmax, int)) or qmin > qmax:
+        raise ValueError(f"fake_quantize: qmin={qmin!r}, qmax={qmax!r}; expected integers with qmin <= qmax")
+    if not isinstance(step, torch.Tensor):
+        raise ValueError(f"fake_quantize: step must be a tensor, got {type(step).__name__}")
+    st = step.detach()
+    if not bool(torch.isfinite(st).all()) or not bool((st > 0).all()):
+        bad = st[~(torch.isfinite(st) & (st > 0))].reshape(-1)[:3].tolist()
+        raise ValueError(f"fake_quantize: step must be finite and positive; it holds {bad}")
+    if not math.isfinite(float(alpha)) or float(alpha) < 0:
+        raise ValueError(f"fake_quantize: alpha={alpha!r}; expected a finite value >= 0 (0 is the STE limit)")
+    if rounding not in ROUNDINGS:
         check_rounding(rounding, "fake_quantize rounding")
-        raise
-    s = step.clamp_min(STEP_EPS)
+    return _fake_quantize(x, step, qmin, qmax, rounding, float(alpha), soft_forward, float(grad_scale))
+
+
+def _fake_quantize(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, rounding: str, alpha: float,
+                   soft_forward: bool, grad_scale: float) -> torch.Tensor:
+    """:func:`fake_quantize` without the argument checks (the quantizer's own calls: a training
+    step pays nothing for them), in fp32, cast back to ``x``'s dtype."""
+    dtype = x.dtype
+    if dtype in _HALF:
+        x = x.float()
+    if s.dtype in _HALF:
+        s = s.float()
     if soft_forward and rounding == "soft":
         s = grad_scale_(s, grad_scale)
-        v = torch.clamp(x / s.to(x.dtype), qmin, qmax)
-        return soft_round_value(v, float(alpha)) * s.to(x.dtype)
-    return _FusedFakeQuant.apply(x, s, qmin, qmax, mode.grad, float(alpha), float(grad_scale))
+        v = torch.clamp(x / s, qmin, qmax)
+        out = soft_round_value(v, alpha) * s
+    else:
+        out = _FusedFakeQuant.apply(x, s, qmin, qmax, ROUNDINGS[rounding].grad, alpha, grad_scale)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+class _LogStep(torch.autograd.Function):
+    """``s = exp(STEP_LOG_SCALE * theta)``; backward hands ``theta`` LSQ's scaled step gradient ``g dL/ds``
+    divided by ``STEP_LOG_SCALE``, not the chain rule's ``STEP_LOG_SCALE * s * g dL/ds``.
+
+    Why: with the chain rule an 8-bit weight step of ~1e-3 would get a gradient a thousand times
+    smaller than LSQ's and stop learning under SGD. With this one, SGD changes ``ln s`` by
+    ``lr * g dL/ds``: LSQ's SGD update on ``s`` with a learning rate proportional to ``s`` (a relative
+    learning rate), stable at OpenGait's SGD 0.1 with momentum. Adam and AdamW normalise gradients,
+    so they move ``theta`` by about their learning rate and ``s`` by ``STEP_LOG_SCALE`` times that,
+    relatively. Neither can bring ``s`` to zero.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, gscale):
+        ctx.gscale = gscale / STEP_LOG_SCALE
+        return torch.exp((theta.float() if theta.dtype in _HALF else theta) * STEP_LOG_SCALE)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.gscale, None
 
 
 #: values a per-tensor initial-step search reads at most
@@ -195,9 +254,9 @@ class LSQQuantizer(nn.Module):
         self.soft_forward = spec.soft_forward
         self.enabled = spec.enabled
         shape = tuple(channel_shape) if channel_shape is not None else ()
-        # a switched-off quantizer's step takes no gradient: DDP with find_unused_parameters=False
-        # fails on parameters that never receive one
-        self.step = nn.Parameter(torch.ones(shape), requires_grad=self.enabled)
+        # the learned parameter is ln(s) / STEP_LOG_SCALE (module docstring); a switched-off quantizer's takes
+        # no gradient: DDP with find_unused_parameters=False fails on parameters that never receive one
+        self.scaled_log_step = nn.Parameter(torch.zeros(shape), requires_grad=self.enabled)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @classmethod
@@ -227,7 +286,12 @@ class LSQQuantizer(nn.Module):
 
     @property
     def per_channel(self) -> bool:
-        return self.step.dim() > 0
+        return self.scaled_log_step.dim() > 0
+
+    @property
+    def step(self) -> torch.Tensor:
+        """The step ``exp(STEP_LOG_SCALE * scaled_log_step)``, detached (read it; set it with :meth:`set_step`)."""
+        return self.effective_step()
 
     def extra_repr(self) -> str:
         sign = {True: "signed", False: "unsigned", None: "sign=auto"}[self.signed]
@@ -244,22 +308,33 @@ class LSQQuantizer(nn.Module):
             self.signed = bool(_reduce(neg, "max").item() > 0)  # signed if any rank saw a negative value
         qmin, qmax = self.qrange_now()
         if self.per_channel:
-            dims = [d for d in range(x.dim()) if d >= self.step.dim() or self.step.shape[d] == 1]
+            dims = [d for d in range(x.dim()) if d >= self.scaled_log_step.dim() or self.scaled_log_step.shape[d] == 1]
             absmax = x.abs().amax(dim=tuple(dims), keepdim=True)
-            step = _mse_best_scale(x, absmax, qmin, qmax, dims).reshape(self.step.shape)
+            step = _mse_best_scale(x, absmax, qmin, qmax, dims).reshape(self.scaled_log_step.shape)
         else:
             step = _mse_best_scale(x, x.abs().max(), qmin, qmax, [])
         step = torch.where(step > STEP_EPS, step, torch.full_like(step, 1.0 / qmax))
-        step = _reduce(step.to(self.step.device, self.step.dtype), "mean")
-        self.step.data.copy_(step.reshape(self.step.shape))
+        self.set_step(_reduce(step.to(self.scaled_log_step.device, torch.float32), "mean"))
+
+    @torch.no_grad()
+    def set_step(self, step: torch.Tensor) -> None:
+        """Set the step (positive values, the step's shape) and mark the quantizer initialised.
+
+        Calibration and tests set steps through here; the parameter holds ``ln(step) / STEP_LOG_SCALE``."""
+        step = torch.as_tensor(step, dtype=torch.float32, device=self.scaled_log_step.device)
+        if not bool(torch.isfinite(step).all()) or not bool((step > 0).all()):
+            raise ValueError(f"set_step: a step must be finite and positive; got {step.reshape(-1)[:3].tolist()}")
+        theta = step.reshape(self.scaled_log_step.shape).clamp_min(STEP_EPS).log() / STEP_LOG_SCALE
+        self.scaled_log_step.copy_(theta.to(self.scaled_log_step.dtype))
         self.initialized.fill_(True)
 
     def qrange_now(self) -> Tuple[int, int]:
         return qrange(self.bits, bool(self.signed))
 
     def effective_step(self) -> torch.Tensor:
-        """The step the forward pass divides by (kept positive), detached: what a deployed model stores."""
-        return self.step.detach().clamp_min(STEP_EPS)
+        """The step the forward pass divides by, detached: what a deployed model stores."""
+        theta = self.scaled_log_step.detach()
+        return ((theta.float() if theta.dtype in _HALF else theta) * STEP_LOG_SCALE).exp().clamp_min(STEP_EPS)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,14 +347,15 @@ class LSQQuantizer(nn.Module):
             self.initialize(x)
         qmin, qmax = self.qrange_now()
         if self.kind == "weight":
-            per_step = x.numel() // max(1, self.step.numel())
+            per_step = x.numel() // max(1, self.scaled_log_step.numel())
         else:
             per_step = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(max(1, per_step) * qmax)
         # soft_forward relaxes round() while training only: in eval mode the model computes what the
         # integer model deployed from it computes (DSQ, likewise, deploys the hard quantizer)
         soft_forward = self.soft_forward and self.training
-        return fake_quantize(x, self.step, qmin, qmax, self.rounding, self.alpha, soft_forward, grad_scale=g)
+        step = _LogStep.apply(self.scaled_log_step, g).clamp_min(STEP_EPS)
+        return _fake_quantize(x, step, qmin, qmax, self.rounding, self.alpha, soft_forward, 1.0)
 
     # -- state -------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
@@ -299,6 +375,14 @@ class LSQQuantizer(nn.Module):
         return None
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the step was learned in the log domain hold ``step``: migrate it
+        old, new = prefix + "step", prefix + "scaled_log_step"
+        if old in state_dict and new not in state_dict:
+            step = state_dict.pop(old)
+            if isinstance(step, torch.Tensor) and step.is_floating_point():
+                state_dict[new] = step.detach().float().clamp_min(STEP_EPS).log() / STEP_LOG_SCALE
+            else:
+                raise ConfigError(f"{old}: expected a float tensor of steps, got {short_repr(step)}")
         # checked here, where the quantizer's name (the prefix) is known, before torch calls set_extra_state
         key = prefix + "_extra_state"
         if key in state_dict:
@@ -324,18 +408,17 @@ class LSQQuantizer(nn.Module):
 
 
 def collapsed_steps(model: nn.Module) -> Dict[str, int]:
-    """Quantizers whose learned step has entries at or below zero, with how many.
+    """Quantizers whose step has entries at the ``STEP_EPS`` floor, with how many.
 
-    The forward pass clamps the step to ``STEP_EPS``, so such an entry quantizes its channel to
-    (almost) zero: the optimizer overshot through zero. It happens when the step's learning rate
-    is large against the step itself, e.g. Adam at 5e-4 on 8-bit weight steps of about 1e-3 (Adam
-    moves a parameter by about its learning rate per iteration, whatever the parameter's size);
-    lower ``quant.step_lr_scale`` for such runs.
+    Such an entry quantizes its channel to (almost) zero. With the step learned as ``log s`` no
+    optimizer can push it there by overshooting (a linear step could cross zero: Adam at 5e-4 did
+    so for a quarter of the 8-bit weight steps); a count above zero now means a step that training
+    drove down by many orders of magnitude, or a hand-set one.
     """
     out: Dict[str, int] = {}
     for name, m in model.named_modules():
         if isinstance(m, LSQQuantizer) and m.enabled and bool(m.initialized):
-            n = int((m.step.detach() <= STEP_EPS).sum())
+            n = int((m.effective_step() <= STEP_EPS * (1 + 1e-3)).sum())
             if n:
                 out[name] = n
     return out
