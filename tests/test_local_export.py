@@ -172,6 +172,8 @@ def test_a_qat_checkpoint_as_init_from_is_refused(trained, tmp_path, capsys):
 
 
 def test_unwritable_packed_is_refused_before_the_onnx_is_written(trained, tmp_path, capsys):
+    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "q.onnx"), "--threads", "-3"]) == 2
+    assert capsys.readouterr().err.startswith("qgait export: --threads: -3")
     (tmp_path / "file").write_text("x")
     assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "q.onnx"), "--packed",
                  str(tmp_path / "file" / "q.qgpk"), "--runs", "1"]) == 2

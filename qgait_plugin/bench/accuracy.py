@@ -374,6 +374,7 @@ def stop_pool(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(1.0)
+    pool.shutdown(wait=True)  # the workers are gone: this only joins the executor's thread and frees its queues
 
 
 def _resumable(path: Path, job: Mapping[str, Any], digest: str) -> Optional[Dict[str, Any]]:
