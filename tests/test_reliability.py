@@ -21,22 +21,16 @@ import time
 from pathlib import Path
 
 import pytest
+import test_hostile_input as hostile
 import torch
-import yaml
+from test_hostile_input import _config, _one_line
 
 from qgait_plugin.cli import main
 from qgait_plugin.errors import ConfigError, DamagedFile, OutputBusy, OutputError
 
 REPO = Path(__file__).resolve().parents[1]
-TYPES = ("nm-01", "nm-02", "nm-05", "bg-01", "cl-01")
-
-
-def _one_line(capsys, command: str) -> str:
-    captured = capsys.readouterr()
-    err = captured.err
-    assert err.startswith(f"qgait {command}: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err and "Traceback" not in captured.out
-    return err
+#: the module-scoped fixture of tiny data (4 subjects) the hostile-input tests train on
+data = hostile.data
 
 
 #: a subprocess's first lines: the package without its ``__init__`` (which imports torch, seconds on a busy
@@ -72,28 +66,6 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
     assert p.stdout is not None and p.stdout.readline().strip() == "held"
     return p
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from qgait_plugin.local.fixtures import write_random_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    part = write_random_dataset(str(root), subjects=4, train=2, views=("000", "090"), frames=4, types=TYPES)
-    return root, Path(part)
-
-
-def _config(path: Path, data, **trainer) -> str:
-    root, part = data
-    cfg = {"data_cfg": {"dataset_root": str(root), "dataset_partition": str(part), "resolution": [16, 11],
-                        "cache": False},
-           "model_cfg": {"channels": [4, 8], "layers": [1, 1], "strides": [1, 2], "bin_num": [4],
-                         "SeparateFCs": {"out_channels": 8}, "SeparateBNNecks": {"class_num": 4}},
-           "trainer_cfg": {"output_root": str(path.parent / "out"), "save_name": "run", "total_iter": 2,
-                           "save_iter": 2, "sampler": {"batch_size": [2, 2], "frames_num_fixed": 3}, **trainer},
-           "evaluator_cfg": {"sampler": {"frames_all_limit": 4}}}
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
 
 
 def _run_dir(tmp_path: Path, save_name: str = "run") -> Path:
@@ -212,7 +184,7 @@ def test_full_disk_during_a_checkpoint_save_is_one_line_and_keeps_the_earlier_on
     import qgait_plugin.checkpoint as ck
     from qgait_plugin.checkpoint import read_checkpoint
 
-    cfg = _config(tmp_path / "c.yaml", data, total_iter=2, save_iter=1)
+    cfg = _config(tmp_path / "c.yaml", data, trainer_cfg={"total_iter": 2, "save_iter": 1})
     real = torch.save
     calls = []
 
