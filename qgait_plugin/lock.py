@@ -19,7 +19,7 @@ import os
 from typing import Dict, Iterator, Tuple
 
 from .atomic import output_error
-from .errors import OutputBusy
+from .errors import OutputBusy, OutputError
 
 try:  # POSIX; elsewhere the lock is a no-op (the package is used on Linux)
     import fcntl
@@ -95,6 +95,8 @@ def output_lock(folder: str, what: str = "output folder") -> Iterator[None]:
             fd, count = _HELD[key]
             _HELD[key] = (fd, count - 1)
         return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise OutputError(f"{what} {folder}: is a file; expected a folder")
     created = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
