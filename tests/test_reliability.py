@@ -166,6 +166,8 @@ def test_bench_and_demo_folders_are_locked(tmp_path, capsys):
     try:
         assert main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
         assert f"--out {tmp_path / 'demo'}: process {holder.pid}" in _one_line(capsys, "demo")
+        assert main(["ablate", "--demo-dir", str(tmp_path / "demo"), "--no-progress"]) == 2
+        assert f"demo folder {tmp_path / 'demo'}: process {holder.pid}" in _one_line(capsys, "ablate")
     finally:
         holder.kill()
         holder.wait()
