@@ -13,7 +13,7 @@ import importlib
 import sys
 from typing import List, Optional, Tuple
 
-from .errors import QGaitError
+from .errors import Interrupted, QGaitError
 
 #: (command, module, one-line help) in the order ``qgait --help`` lists them; a module that is not
 #: there (a trimmed install) adds no command
@@ -69,8 +69,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except QGaitError as e:
         print(f"qgait {args.command}: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = str(e) if isinstance(e, Interrupted) else ""
+        print(f"qgait {args.command}: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
         return 130
 
 

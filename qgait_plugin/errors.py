@@ -57,3 +57,22 @@ class NonFiniteError(QGaitError, ArithmeticError):
 
 class OutputExists(QGaitError, FileExistsError):
     """A command would replace outputs of an earlier run; the message names them and how to allow it."""
+
+
+class OutputError(QGaitError, OSError):
+    """An output that cannot be written (no permission, a full disk, a read-only file system); the message
+    names the file or folder and the system's reason. Files written before it stay as they were."""
+
+
+class OutputBusy(QGaitError):
+    """Another live process is writing into the same output folder; the message names its pid."""
+
+
+class DamagedFile(QGaitError):
+    """A file this package wrote whose content no longer verifies (a flipped bit, a cut-off write); the
+    message names the file and the damaged part."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by SIGINT or SIGTERM after keeping what it had finished; the message says what was
+    kept and how to resume. A KeyboardInterrupt, so code that handles Ctrl-C handles it too."""

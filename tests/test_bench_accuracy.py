@@ -95,3 +95,39 @@ def test_diagnose_on_the_quick_benchmark(bench):
             assert all(v >= 0 for v in layers.values())
     assert (out / "diagnose" / "diagnose_w2.png").stat().st_size > 0
 
+
+
+def test_diagnose_refuses_a_folder_a_later_benchmark_partly_overwrote(bench, capsys):
+    """Issue 18: a second benchmark into the same --out (another --data-seed), interrupted, replaced some
+    records and checkpoints; diagnose must not pair this run's FP reference with that run's models."""
+    from pathlib import Path
+
+    from qgait_plugin.records import read_record, write_record
+
+    out, _ = bench
+    args = ["diagnose", "--bench-dir", str(out), "--bits", "2", "--sequences", "8", "--frames", "3"]
+    rec_file = out / "runs" / "lsq-w2a2-s0.json"
+    original = rec_file.read_bytes()
+    rec = read_record(rec_file)
+    ckpt = Path(rec["checkpoint"])
+    ckpt_bytes = ckpt.read_bytes()
+    try:
+        # the later run finished this record...
+        write_record(rec_file, {**rec, "provenance": {**rec["provenance"], "data_seed": 1}})
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qgait diagnose: {rec_file}: made by another benchmark") and "mixes two runs" in err
+        rec_file.write_bytes(original)
+        # ...or replaced its checkpoint and was stopped before it wrote the record
+        other = read_record(out / "runs" / "qgait-w2a2-s0.json")["checkpoint"]
+        ckpt.write_bytes(Path(other).read_bytes())
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qgait diagnose: {ckpt}: checkpoint of lsq-w2a2-s0 is not the one {rec_file}")
+    finally:
+        rec_file.write_bytes(original)
+        ckpt.write_bytes(ckpt_bytes)
+    from qgait_plugin.bench.accuracy_report import check_records_agree
+
+    records = [read_record(p) for p in sorted((out / "runs").iterdir())]
+    assert check_records_agree(records)["data_seed"] == 0  # the intact folder agrees with itself

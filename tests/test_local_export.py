@@ -6,9 +6,10 @@ import torch
 import yaml
 
 pytest.importorskip("onnxruntime")
+from qgait_plugin.checkpoint import CheckpointError, read_checkpoint  # noqa: E402
 from qgait_plugin.cli import main  # noqa: E402
 from qgait_plugin.export.outputs import ExportPathError  # noqa: E402
-from qgait_plugin.export.packed import load_packed  # noqa: E402
+from qgait_plugin.export.packed import load_packed, save_packed  # noqa: E402
 from qgait_plugin.local.config import build_config  # noqa: E402
 from qgait_plugin.local.export_cmd import export_checkpoint  # noqa: E402
 from qgait_plugin.local.fixtures import write_random_dataset  # noqa: E402
@@ -108,3 +109,93 @@ def test_cli_prints_one_line_and_exits_2(trained, tmp_path, capsys):
                  "--check", "2"]) == 0
     out = capsys.readouterr().out
     assert "cosine min" in out and "QLinearConv" in out and "x smaller than FP32" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 18: damaged files refused, unwritable outputs and failed steps leave nothing behind
+
+
+def _flip_bit_in_member(path, member_suffix, tmp_path):
+    """A copy of the zip archive ``path`` with one bit flipped in the middle of the member ending in
+    ``member_suffix`` (a tensor's storage, or the pickle); returns the copy and the member's name."""
+    import shutil
+    import struct
+    import zipfile
+
+    copy = tmp_path / ("damaged" + os.path.splitext(str(path))[1])
+    shutil.copy(path, copy)
+    with zipfile.ZipFile(copy) as z:
+        info = max((i for i in z.infolist() if i.filename.endswith(member_suffix)), key=lambda i: i.file_size)
+    data = bytearray(copy.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x08
+    copy.write_bytes(bytes(data))
+    return copy, info.filename
+
+
+def test_a_flipped_bit_in_a_qat_checkpoint_is_refused_naming_the_member(trained, tmp_path, capsys):
+    damaged, member = _flip_bit_in_member(trained["ckpt"], "data/0", tmp_path)
+    raw = dict(trained["raw"])
+    raw["evaluator_cfg"] = {"restore_hint": str(damaged), "sampler": {"frames_all_limit": 4}}
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    assert main(["test", "--cfgs", str(cfg_file), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qgait test: evaluator_cfg.restore_hint: '{damaged}' is damaged: member '{member}'")
+    assert "fails its CRC check" in err and err.count("\n") == 1
+    damaged, member = _flip_bit_in_member(trained["ckpt"], "data.pkl", tmp_path)  # the structure, not a tensor
+    with pytest.raises(CheckpointError, match=f"member '{member}' \\(the pickled structure\\)"):
+        read_checkpoint(str(damaged))
+
+
+def test_a_flipped_bit_in_a_packed_file_is_refused(trained, tmp_path):
+    cfg = trained["cfg"]
+    tr = Trainer(cfg, progress=False)
+    tr.restore(0, strict=True, save_name="q")
+    save_packed(tr.model, str(tmp_path / "q.qgpk"))
+    damaged, member = _flip_bit_in_member(tmp_path / "q.qgpk", "data/0", tmp_path)
+    model = quantize_model(build_model(cfg["model_cfg"]), cfg["quant"])
+    with pytest.raises(CheckpointError, match=f"packed file: '{damaged}' is damaged: member '{member}'"):
+        load_packed(model, str(damaged))
+
+
+def test_a_qat_checkpoint_as_init_from_is_refused(trained, tmp_path, capsys):
+    raw = dict(trained["raw"])
+    raw["quant"] = {**raw["quant"], "init_from": trained["ckpt"]}  # the same bits: it would load
+    raw["trainer_cfg"] = {**raw["trainer_cfg"], "output_root": str(tmp_path), "save_name": "again"}
+    cfg_file = tmp_path / "again.yaml"
+    cfg_file.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--cfgs", str(cfg_file), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "holds quantizer state" in err and "it is a QAT checkpoint, not a full-precision one" in err
+
+
+def test_unwritable_packed_is_refused_before_the_onnx_is_written(trained, tmp_path, capsys):
+    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "q.onnx"), "--threads", "-3"]) == 2
+    assert capsys.readouterr().err.startswith("qgait export: --threads: -3")
+    (tmp_path / "file").write_text("x")
+    assert main(["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "q.onnx"), "--packed",
+                 str(tmp_path / "file" / "q.qgpk"), "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgait export: --packed") and "is a file, not a folder" in err
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_failed_packed_write_takes_the_new_onnx_with_it(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import qgait_plugin.export.packed as packed
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(packed.torch, "save", full)
+    args = ["export", "--cfgs", trained["cfg_file"], "--out", str(tmp_path / "q.onnx"), "--packed",
+            str(tmp_path / "q.qgpk"), "--runs", "1", "--check", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qgait export: cannot write") and "No space left on device" in err
+    assert os.listdir(tmp_path) == []  # no ONNX left: the rerun needs no --force
+    monkeypatch.undo()
+    assert main(args) == 0

@@ -16,20 +16,30 @@ One run of the benchmark:
 Tuning (``qgait bench tune``) uses the same machinery but reads ``VAL_SET`` only. Everything is
 driven by one YAML file (``configs/bench/accuracy.yaml``); ``--quick`` shrinks it to a smoke
 test for CI.
+
+Interrupts and reruns: every finished run is a record in ``OUT/runs`` (written atomically, with a
+digest, :mod:`qgait_plugin.records`) that says which data set, FP reference and code version made
+it. Ctrl-C or SIGTERM stops the worker processes at once and keeps every finished record; the same
+command then resumes with the runs that are missing. One benchmark at a time writes into an
+``--out`` folder (:mod:`qgait_plugin.lock`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
 import os
+import signal
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, InputNotFound
+from ..errors import ConfigError, DamagedFile, InputNotFound, Interrupted
+from ..records import read_record, write_record
 from .methods import METHODS, quant_section, switch_iteration
 
 #: the sections and keys of the benchmark config (anything else is a typo, and an error)
@@ -173,9 +183,13 @@ def train_fp_reference(cfg: Mapping[str, Any], data: Path, cache: Path, progress
     folder = cache / f"fp-{key}"
     done = folder / "fp_reference.json"
     if done.is_file():
-        info = json.loads(done.read_text())
-        if Path(info["checkpoint"]).is_file():
-            return info
+        try:
+            info = read_record(done, "FP reference record")
+        except DamagedFile as e:
+            print(f"[fp] {e}; training the FP reference again", file=sys.stderr, flush=True)
+        else:
+            if Path(info["checkpoint"]).is_file() and info.get("checkpoint_sha256") == file_sha256(info["checkpoint"]):
+                return info
     hc = host_config(cfg, data, folder / "output", "fp", int(cfg["data"]["seed"]),
                      {"trainer_cfg": {"total_iter": 0, "save_iter": 0, "overwrite": True}})
     tr = Trainer(hc, progress=progress)
@@ -208,11 +222,19 @@ def train_fp_reference(cfg: Mapping[str, Any], data: Path, cache: Path, progress
             drops, stale = drops + 1, 0
             for g in tr.optimizer.param_groups:
                 g["lr"] *= 0.1
-    info = {"checkpoint": ckpt, "curve": curve, "iterations": tr.iteration, "seconds": time.time() - t0,
-            "plateaued": tr.iteration < int(fp["max_iter"])}
-    folder.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(info, indent=1))
+    info = {"checkpoint": ckpt, "checkpoint_sha256": file_sha256(ckpt) if ckpt else None, "curve": curve,
+            "iterations": tr.iteration, "seconds": time.time() - t0, "plateaued": tr.iteration < int(fp["max_iter"])}
+    write_record(done, info, indent=1)
     return info
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes: pins which checkpoint a record was made from."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _host_path(cfg: Mapping[str, Any]) -> str:
@@ -271,6 +293,7 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
     keys = sorted({k for h in hist for k in h if isinstance(h[k], (int, float))})
     return {
         "name": job["name"], "method": job["method"], "bits": job["bits"], "seed": job["seed"],
+        "checkpoint": out["checkpoint"], "checkpoint_sha256": file_sha256(out["checkpoint"]),
         "final_split": job["final_split"], "init_from": (hc.get("quant") and hc["quant"].init_from)
         or hc["trainer_cfg"]["restore_hint"],
         "rank1": final["rank1"], "mAP": final["mAP"], "rank1_per_subject": final["rank1_per_subject"],
@@ -285,9 +308,13 @@ def plan_jobs(cfg: Mapping[str, Any], data: Path, out: Path, fp_ckpt: str, final
               methods: Optional[Sequence[str]] = None, bits_list: Optional[Sequence[int]] = None,
               seeds: Optional[Sequence[int]] = None, threads: int = 1) -> List[Dict[str, Any]]:
     """The job list (one per method, bit width and seed; ``fp_continued`` once per seed)."""
+    from .. import __version__
     from ..local.config import merge_dicts
 
     q = cfg["qat"]
+    # what every record of this plan shares: readers refuse a folder whose records disagree on it
+    provenance = {"data_seed": int(cfg["data"]["seed"]), "data": data.name, "fp_checkpoint": str(fp_ckpt),
+                  "code_version": __version__}
     methods = list(methods or q["methods"])
     bits_list = list(bits_list or q["bits"])
     seeds = list(seeds if seeds is not None else q["seeds"])
@@ -303,44 +330,132 @@ def plan_jobs(cfg: Mapping[str, Any], data: Path, out: Path, fp_ckpt: str, final
                 over["trainer_cfg"]["num_threads"] = threads
                 user = merge_dicts({k: v for k, v in base.items() if k != "quant"}, over)
                 jobs.append({"name": name, "method": method, "bits": bits, "seed": seed, "final_split": final_split,
-                             "threads": threads, "host_cfg": user})
+                             "threads": threads, "host_cfg": user, "provenance": dict(provenance)})
     return jobs
 
 
+def job_digest(job: Mapping[str, Any]) -> str:
+    """What a finished record must match to stand for ``job``: its host config and final split."""
+    return _digest(job["host_cfg"]) + job["final_split"]
+
+
+def _ignore_interrupts() -> None:
+    """Worker initializer: Ctrl-C reaches the whole process group, and only the parent decides what stops.
+
+    A worker that took SIGINT itself would hand a KeyboardInterrupt back as its job's result and
+    take the next job."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """For the block, SIGINT and SIGTERM both raise :class:`KeyboardInterrupt` in the main thread."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_pool(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
+    """Cancel the queued jobs and end the running ones now (SIGTERM, then SIGKILL after ``grace`` s)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())  # the executor has no public handle
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+    pool.shutdown(wait=True)  # the workers are gone: this only joins the executor's thread and frees its queues
+
+
+def _resumable(path: Path, job: Mapping[str, Any], digest: str) -> Optional[Dict[str, Any]]:
+    """The finished record of ``job`` at ``path``, or None when it must run (missing, damaged, other config)."""
+    if not path.is_file():
+        return None
+    try:
+        rec = read_record(path, "run record")
+    except DamagedFile as e:
+        print(f"[bench] {e}; running it again", file=sys.stderr, flush=True)
+        return None
+    if rec.get("digest") != digest or rec.get("provenance") != job.get("provenance"):
+        return None
+    return rec
+
+
 def run_jobs(jobs: List[Dict[str, Any]], runs_dir: Path, workers: int, progress: bool = True,
-             tag: str = "runs") -> List[Dict[str, Any]]:
+             tag: str = "runs", fn: Callable[[Mapping[str, Any]], Dict[str, Any]] = run_job) -> List[Dict[str, Any]]:
     """Run ``jobs`` ``workers`` at a time (fresh processes, one thread each); a finished job whose
-    record is on disk with the same config is not run again (an interrupted benchmark resumes)."""
+    record is on disk with the same config is not run again (an interrupted benchmark resumes).
+
+    SIGINT or SIGTERM cancels the queued jobs, ends the running ones within seconds, writes the
+    record of every job that finished and raises :class:`~qgait_plugin.errors.Interrupted`.
+    ``fn`` runs one job in a worker (a test passes a cheap one).
+    """
     from tqdm import tqdm
 
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from ..atomic import output_error
+
+        raise output_error(str(runs_dir), e) from None
     results: Dict[str, Dict[str, Any]] = {}
     todo = []
     for job in jobs:
-        digest = _digest(job["host_cfg"]) + job["final_split"]
+        digest = job_digest(job)
         path = runs_dir / f"{job['name']}.json"
-        if path.is_file():
-            rec = json.loads(path.read_text())
-            if rec.get("digest") == digest:
-                results[job["name"]] = rec
-                continue
+        rec = _resumable(path, job, digest)
+        if rec is not None:
+            results[job["name"]] = rec
+            continue
         todo.append((job, digest, path))
     bar = tqdm(total=len(jobs), initial=len(results), desc=tag, unit="run", disable=not progress, dynamic_ncols=True)
+
+    def keep(fut: Future, job: Mapping[str, Any], digest: str, path: Path) -> None:
+        rec = fut.result()
+        rec["digest"] = digest
+        rec["provenance"] = job.get("provenance")
+        write_record(path, rec)
+        results[job["name"]] = rec
+        bar.set_postfix_str(f"{job['name']}: {rec['rank1']['mean']:.1f}")
+        bar.update(1)
+
     if todo:
         import multiprocessing as mp
+        from concurrent.futures import as_completed
 
-        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(run_job, job): (job, digest, path) for job, digest, path in todo}
-            from concurrent.futures import as_completed
-
-            for fut in as_completed(futures):
-                job, digest, path = futures[fut]
-                rec = fut.result()
-                rec["digest"] = digest
-                path.write_text(json.dumps(rec))
-                results[job["name"]] = rec
-                bar.set_postfix_str(f"{job['name']}: {rec['rank1']['mean']:.1f}")
-                bar.update(1)
+        futures: Dict[Future, Tuple[Dict[str, Any], str, Path]] = {}
+        with interrupts_raise():
+            pool = ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
+                                       initializer=_ignore_interrupts)
+            try:
+                for job, digest, path in todo:
+                    futures[pool.submit(fn, job)] = (job, digest, path)
+                for fut in as_completed(futures):
+                    keep(fut, *futures[fut])
+            except KeyboardInterrupt as e:
+                stop_pool(pool)
+                # a job that finished while its record was being written, or just before the signal
+                for fut, (job, digest, path) in futures.items():
+                    if job["name"] not in results and fut.done() and not fut.cancelled() and fut.exception() is None:
+                        keep(fut, job, digest, path)
+                bar.close()
+                signame = str(e) or "SIGINT"
+                raise Interrupted(f"stopped by {signame}: {len(results)} of {len(jobs)} runs finished, their records "
+                                  f"are kept in {runs_dir}; run the same command again to resume") from None
+            except BaseException:
+                stop_pool(pool)
+                raise
+            pool.shutdown(wait=True)
     bar.close()
     return [results[j["name"]] for j in jobs]
 
@@ -351,7 +466,17 @@ def run_jobs(jobs: List[Dict[str, Any]], runs_dir: Path, workers: int, progress:
 
 def run_benchmark(cfg: Dict[str, Any], out: Path, cache: Path, progress: bool = True,
                   workers: Optional[int] = None) -> Dict[str, Any]:
-    """Data, FP reference, every QAT run, then the tables, JSON and plots in ``out``."""
+    """Data, FP reference, every QAT run, then the tables, JSON and plots in ``out``.
+
+    Holds the lock of ``out`` and of ``cache`` throughout: a second benchmark into either is refused."""
+    from ..lock import output_lock
+
+    with output_lock(str(out), "--out"), output_lock(str(cache), "--cache"):
+        return _run_benchmark(cfg, out, cache, progress, workers)
+
+
+def _run_benchmark(cfg: Dict[str, Any], out: Path, cache: Path, progress: bool,
+                   workers: Optional[int]) -> Dict[str, Any]:
     from .accuracy_report import summarize, write_report
 
     t0 = time.time()
@@ -368,6 +493,7 @@ def run_benchmark(cfg: Dict[str, Any], out: Path, cache: Path, progress: bool = 
     meta = {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_file": cfg["_path"],
             "quick": bool(cfg.get("_host_override")),
             "data": str(data), "fp_reference": fp, "timings_seconds": timings, "machine": machine_info(),
+            "provenance": jobs[0]["provenance"] if jobs else None,
             "date": time.strftime("%Y-%m-%d %H:%M")}
     write_report(out, summary, records, meta)
     return {"summary": summary, "meta": meta}
@@ -404,9 +530,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_bench_config(Path(args.config) if args.config else default_config_path(), quick=args.quick)
     if args.data_seed is not None:
         cfg["data"]["seed"] = int(args.data_seed)
+    from ..atomic import check_writable
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} is a file; give a folder")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: {args.workers}; give at least 1")
+    check_writable(str(out), "--out")
+    check_writable(args.cache, "--cache")
     res = run_benchmark(cfg, out, Path(args.cache), progress=not args.no_progress, workers=args.workers)
     print((out / "results.md").read_text())
     t = res["meta"]["timings_seconds"]

@@ -4,7 +4,6 @@ Kept apart from the runner so the report can be rebuilt from ``runs/*.json`` wit
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -38,9 +37,33 @@ def _paired(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> O
     return paired_interval(d).as_dict()
 
 
+def check_records_agree(records: Sequence[Mapping[str, Any]], where: str = "the runs") -> Dict[str, Any]:
+    """The provenance every record shares (data set and seed, FP reference, code version); records that
+    disagree are a :class:`~qgait_plugin.errors.DamagedFile` naming both sides, since a table over them
+    would pair runs of different data or references."""
+    from ..errors import DamagedFile
+
+    first: Optional[Mapping[str, Any]] = None
+    for r in records:
+        prov = r.get("provenance")
+        if prov is None:
+            raise DamagedFile(f"{where}: run {r.get('name')!r} does not say which data, FP reference and code made "
+                              "it (a record of an older qgait); run the benchmark again")
+        if first is None:
+            first = r
+        elif prov != first["provenance"]:
+            diff = sorted(k for k in set(prov) | set(first["provenance"]) if prov.get(k) != first["provenance"].get(k))
+            raise DamagedFile(f"{where}: runs {first.get('name')!r} and {r.get('name')!r} disagree on "
+                              + ", ".join(f"{k} ({first['provenance'].get(k)!r} vs {prov.get(k)!r})" for k in diff)
+                              + "; the folder mixes two benchmarks. Rerun into an empty --out")
+    return dict(first["provenance"]) if first is not None else {}
+
+
 def summarize(cfg: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Per bit width and method: mean/std over seeds of every metric, wall time, and the paired
-    differences to ``lsq`` (and ``fp_continued - lsq``, the gap there is to close); plus the floors."""
+    differences to ``lsq`` (and ``fp_continued - lsq``, the gap there is to close); plus the floors.
+    Records that disagree on their data or FP reference are refused (:func:`check_records_agree`)."""
+    check_records_agree(records)
     by: Dict[str, Dict[int, List[Mapping[str, Any]]]] = {}
     for r in records:
         by.setdefault(r["method"], {}).setdefault(int(r["bits"]), []).append(r)
@@ -152,14 +175,15 @@ def runs_markdown(records: Sequence[Mapping[str, Any]]) -> str:
 def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
                  meta: Mapping[str, Any]) -> None:
     """``results.md``, ``results.json``, ``accuracy.png``, ``paired.png``, ``curves.png``, ``fp_curve.png``."""
-    out.mkdir(parents=True, exist_ok=True)
+    from ..atomic import write_text_atomic
+    from ..records import write_record
+
     md = markdown(summary, meta)
-    (out / "results.md").write_text("# qgait bench accuracy\n\nRank-1 (%) on TEST_SET, CASIA-B protocol (identical "
-                                    "views excluded), mean ± std over seeds; paired differences to lsq with 95 % "
-                                    "intervals over seeds and test subjects.\n\n" + md + "\n\n" + runs_markdown(records)
-                                    + "\n")
+    write_text_atomic(str(out / "results.md"), "# qgait bench accuracy\n\nRank-1 (%) on TEST_SET, CASIA-B protocol "
+                      "(identical views excluded), mean ± std over seeds; paired differences to lsq with 95 % "
+                      "intervals over seeds and test subjects.\n\n" + md + "\n\n" + runs_markdown(records) + "\n")
     slim = [{k: v for k, v in r.items() if k not in ("history",)} for r in records]
-    (out / "results.json").write_text(json.dumps({"summary": summary, "meta": meta, "runs": slim}, indent=1))
+    write_record(out / "results.json", {"summary": summary, "meta": meta, "runs": slim}, indent=1)
     plot_accuracy(out / "accuracy.png", summary)
     plot_paired(out / "paired.png", summary)
     plot_curves(out / "curves.png", records)

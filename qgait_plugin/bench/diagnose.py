@@ -21,7 +21,8 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, InputNotFound
+from ..errors import ConfigError, DamagedFile, InputNotFound
+from .methods import METHODS
 
 PERTURBATIONS = ("erode", "dilate", "flip_boundary")
 #: layers of the built-in GaitBaseLite whose outputs are compared (module names)
@@ -101,18 +102,34 @@ def sensitivity(model: Any, clean: Any, ids: Sequence[str], layers: Sequence[str
 
 
 def _bench_models(bench_dir: Path, bits: int, seed: int, methods: Sequence[str]) -> Tuple[Dict[str, Any], Any, Any]:
-    """Rebuild the models of a finished benchmark: the FP reference plus ``methods`` at ``bits``/``seed``."""
+    """Rebuild the models of a finished benchmark: the FP reference plus ``methods`` at ``bits``/``seed``.
+
+    Every file is verified before it is used: ``results.json`` and each run's record by their digests,
+    the records' data, FP reference and code version against ``results.json``, and each checkpoint by
+    the SHA-256 its record holds. A folder a later benchmark partly overwrote (another ``--data-seed``,
+    interrupted) is refused, naming the file that no longer belongs."""
     from ..local.config import build_config
     from ..local.trainer import Trainer
-    from .accuracy import load_bench_config, plan_jobs
+    from ..records import read_record
+    from .accuracy import job_digest, load_bench_config, plan_jobs
 
     res_file = bench_dir / "results.json"
     if not res_file.is_file():
         raise InputNotFound(f"{res_file}: not found; run `qgait bench accuracy --out {bench_dir}` first")
-    meta = json.loads(res_file.read_text())["meta"]
+    meta = read_record(res_file, "benchmark results").get("meta")
+    need = ("config", "config_file", "data", "fp_reference", "provenance")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise DamagedFile(f"{res_file}: holds no complete 'meta' section (needs {list(need)}); it was not written by "
+                          "a finished `qgait bench accuracy` of this version: run it again")
+    conf = meta["config"]
+    for key, value, allowed in (("--bits", bits, conf["qat"]["bits"]), ("--seed", seed, conf["qat"]["seeds"])):
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value} is not in the benchmark's runs ({allowed}) in {res_file}")
     cfg = load_bench_config(Path(meta["config_file"]), quick=bool(meta.get("quick", False)))
-    cfg.update({k: v for k, v in meta["config"].items() if k in ("data", "fp", "qat", "qgait", "kd")})
-    data, fp_ckpt = Path(meta["data"]), meta["fp_reference"]["checkpoint"]
+    cfg.update({k: v for k, v in conf.items() if k in ("data", "fp", "qat", "qgait", "kd")})
+    data, fp = Path(meta["data"]), meta["fp_reference"]
+    fp_ckpt = fp["checkpoint"]
+    _check_file(fp_ckpt, fp.get("checkpoint_sha256"), "the FP reference", res_file)
     models: Dict[str, Any] = {}
     jobs = {j["method"]: j for j in plan_jobs(cfg, data, bench_dir, fp_ckpt, "TEST_SET", methods=list(methods),
                                               bits_list=[bits], seeds=[seed])}
@@ -123,12 +140,30 @@ def _bench_models(bench_dir: Path, bits: int, seed: int, methods: Sequence[str])
     models["fp"] = tr.model
     for method in methods:
         job = jobs[method]
+        rec_file = bench_dir / "runs" / f"{job['name']}.json"
+        rec = read_record(rec_file, "run record")
+        if rec.get("provenance") != meta["provenance"] or rec.get("digest") != job_digest(job):
+            raise DamagedFile(f"{rec_file}: made by another benchmark than {res_file} (data, FP reference, config "
+                              f"or code differ: {rec.get('provenance')} vs {meta['provenance']}); the folder mixes "
+                              "two runs. Rerun `qgait bench accuracy` into it to completion, or into an empty --out")
+        _check_file(rec["checkpoint"], rec.get("checkpoint_sha256"), job["name"], rec_file)
         hc = build_config(job["host_cfg"], src=job["name"])
         tr = Trainer(hc, progress=False)
-        tr.restore(0, source=f"{job['name']} (its final checkpoint)")
-        print(f"[diagnose] {method}: {tr.resolve(0)}")
+        tr.restore(rec["checkpoint"], source=f"{job['name']} (its final checkpoint)")
+        print(f"[diagnose] {method}: {rec['checkpoint']}")
         models[method] = tr.model
     return models, fp_cfg, data
+
+
+def _check_file(path: str, sha: Any, what: str, record: Path) -> None:
+    """``path`` exists and still has the SHA-256 ``record`` gives it (not replaced by a later run)."""
+    from .accuracy import file_sha256
+
+    if not Path(path).is_file():
+        raise InputNotFound(f"{path}: checkpoint of {what} named by {record} is gone; rerun the benchmark")
+    if sha is None or file_sha256(path) != sha:
+        raise DamagedFile(f"{path}: checkpoint of {what} is not the one {record} was made from (its SHA-256 "
+                          "differs: replaced by a later run, or damaged); rerun the benchmark into this folder")
 
 
 def run_diagnose(bench_dir: Path, bits: int, seed: int, methods: Sequence[str], sequences: int = 120,
@@ -137,8 +172,20 @@ def run_diagnose(bench_dir: Path, bits: int, seed: int, methods: Sequence[str], 
 
     from ..local.data import load_split
 
+    if sequences < 2:
+        raise ConfigError(f"--sequences: {sequences}; need at least 2 (distances between different people)")
+    if frames < 1:
+        raise ConfigError(f"--frames: {frames}; need at least 1")
+    if flips < 1:
+        raise ConfigError(f"--flips: {flips}; need at least 1")
+    unknown = [m for m in methods if m not in METHODS or m == "fp_continued"]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: {unknown or methods} are not benchmark methods; choose from "
+                          f"{[m for m in METHODS if m != 'fp_continued']}")
     models, fp_cfg, _ = _bench_models(bench_dir, bits, seed, methods)
     seqs = [s for s in load_split(fp_cfg["data_cfg"], "TEST_SET", progress=False) if s.frames.shape[0] >= frames]
+    if len({s.sid for s in seqs}) < 2:
+        raise ConfigError(f"--frames: {frames}; fewer than 2 test subjects have sequences that long")
     rng = np.random.default_rng(0)
     pick = sorted(rng.choice(len(seqs), size=min(sequences, len(seqs)), replace=False).tolist())
     clean = torch.stack([seqs[i].frames[:frames] for i in pick]).float().div(255.0)
@@ -197,14 +244,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_writable, write_text_atomic
+
     bench = Path(args.bench_dir)
     methods = [m for m in args.methods.split(",") if m]
-    res = run_diagnose(bench, args.bits, args.seed, methods, args.sequences, args.frames, flips=args.flips)
     out = Path(args.out) if args.out else bench / "diagnose"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"diagnose_w{args.bits}.json").write_text(json.dumps(res, indent=1))
+    check_writable(str(out), "--out")
+    res = run_diagnose(bench, args.bits, args.seed, methods, args.sequences, args.frames, flips=args.flips)
     md = markdown(res)
-    (out / f"diagnose_w{args.bits}.md").write_text(md + "\n")
+    write_text_atomic(str(out / f"diagnose_w{args.bits}.json"), json.dumps(res, indent=1))
+    write_text_atomic(str(out / f"diagnose_w{args.bits}.md"), md + "\n")
     plot(out / f"diagnose_w{args.bits}.png", res)
     print(md)
     print(f"[diagnose] wrote {out}/diagnose_w{args.bits}.md, .json, .png")

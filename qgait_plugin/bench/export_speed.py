@@ -28,8 +28,6 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
-
 #: network name -> GaitBaseLite arguments and input size (frames, height, width)
 MODELS: Dict[str, Dict[str, Any]] = {
     "demo": {"channels": (16, 32, 64), "layers": (1, 1, 1), "strides": (1, 2, 1), "out_channels": 64,
@@ -208,14 +206,6 @@ def format_tables(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    write_atomic(path, write)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--networks", nargs="+", choices=sorted(MODELS), default=["demo", "gaitbase"])
     p.add_argument("--runtimes", nargs="+", choices=["ort", "openvino"], default=None,
@@ -224,20 +214,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
     p.add_argument("--out", default="bench_export", help="writes OUT.md and OUT.json (default bench_export)")
+    p.add_argument("--force", action="store_true", help="replace OUT.md and OUT.json of an earlier run")
     p.add_argument("--quick", action="store_true", help="one tiny network, 3 runs: checks the path, measures nothing")
     p.add_argument("--keep", default=None, help="keep the exported ONNX and packed files in this folder")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..atomic import check_writable, write_text_atomic
     from ..errors import ConfigError
+    from ..export.outputs import all_or_nothing, check_output_paths
 
+    # checked as given, --quick or not: --quick chooses the sizes, it does not excuse a typo
+    if args.runs < 1 or args.warmup < 0 or any(t < 1 for t in args.threads):
+        raise ConfigError(f"--runs {args.runs}, --warmup {args.warmup}, --threads {args.threads}: --runs must be "
+                          ">= 1, --warmup >= 0 and every --threads >= 1")
     runs, warmup = (3, 1) if args.quick else (args.runs, args.warmup)
-    if runs < 1 or warmup < 0 or any(t < 1 for t in args.threads):
-        raise ConfigError("--runs must be >= 1, --warmup >= 0 and every --threads >= 1")
+    outs = {"--out (.json)": args.out + ".json", "--out (.md)": args.out + ".md"}
+    check_output_paths(outs, {}, args.force)
+    if args.keep:
+        if os.path.exists(args.keep) and not os.path.isdir(args.keep):
+            raise ConfigError(f"--keep {args.keep}: is a file; give a folder")
+        check_writable(args.keep, "--keep")
     res = measure(args.networks, args.runtimes, args.threads, runs, warmup, quick=args.quick, keep=args.keep)
     md = format_tables(res)
-    _write_text(args.out + ".json", json.dumps(res, indent=2) + "\n")
-    _write_text(args.out + ".md", md + "\n")
+    with all_or_nothing(list(outs.values())):
+        write_text_atomic(args.out + ".json", json.dumps(res, indent=2) + "\n")
+        write_text_atomic(args.out + ".md", md + "\n")
     print(md)
     print(f"[bench] wrote {args.out}.md and {args.out}.json")
     return 0

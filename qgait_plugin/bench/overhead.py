@@ -78,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+
+    for name in ("frames", "height", "width", "steps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name}: {value}; give a positive number")
     res = measure(args.frames, args.height, args.width, args.steps, args.threads, args.device)
     print(f"forward+backward+SGD, {args.frames} frames of {args.height}x{args.width}, "
           f"{torch.get_num_threads()} threads, device {args.device}")

@@ -4,6 +4,10 @@ ONNX has no container narrower than 8 bits that onnxruntime runs, so this is whe
 actually takes 4 bits per weight on disk. Loading puts ``integer * step`` back into the weights
 of a model converted with the same ``quant:`` section: quantizing them again gives the same
 integers, so the loaded model computes exactly what was saved.
+
+The file is a ``torch.save`` zip archive written and read through :mod:`qgait_plugin.checkpoint`,
+so every member's CRC is checked on load: a flipped bit in the packed integers is refused, naming
+the file and the member, instead of loading as slightly different weights.
 """
 from __future__ import annotations
 
@@ -14,10 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import read_checkpoint, write_checkpoint
+from ..checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from ..quant.layers import QuantLayerMixin
 
 FORMAT = "qgait-packed-v1"
+
+
+class PackedError(CheckpointError, ValueError):
+    """A packed file that is not one, or that does not fit the model it is loaded into."""
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
@@ -63,22 +71,24 @@ def save_packed(model: nn.Module, path: str) -> int:
 
 @torch.no_grad()
 def load_packed(model: nn.Module, path: str) -> nn.Module:
-    """Load a packed checkpoint into ``model``, converted with the same ``quant:`` section."""
-    blob = read_checkpoint(path)
+    """Load a packed checkpoint into ``model``, converted with the same ``quant:`` section.
+
+    A damaged file (CRC), another format or other layers are a :class:`CheckpointError` naming ``path``."""
+    blob = read_checkpoint(path, "packed file")
     if blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} file (format {blob.get('format')!r})")
+        raise PackedError(f"{path}: not a {FORMAT} file (format {blob.get('format')!r})")
     model.load_state_dict(blob["state"], strict=False)
     layers = _quantized_layers(model)
     missing = sorted(set(layers) - set(blob["layers"]))
     extra = sorted(set(blob["layers"]) - set(layers))
     if missing or extra:
-        raise ValueError(f"{path}: quantized layers differ from the model's (missing {missing[:3]}, "
+        raise PackedError(f"{path}: quantized layers differ from the model's (missing {missing[:3]}, "
                          f"unexpected {extra[:3]}); convert the model with the quant config it was saved with")
     for name, entry in blob["layers"].items():
         m = layers[name]
         w = getattr(m, m.qgait_param)
         if list(w.shape) != entry["shape"] or m.weight_quant.bits != entry["bits"]:
-            raise ValueError(f"{path}: {name} holds {entry['bits']}-bit {entry['shape']}, the model has "
+            raise PackedError(f"{path}: {name} holds {entry['bits']}-bit {entry['shape']}, the model has "
                              f"{m.weight_quant.bits}-bit {list(w.shape)}")
         ints = unpack_bits(entry["data"].numpy(), entry["bits"], w.numel()).astype(np.int64) + entry["qmin"]
         q = torch.from_numpy(ints).reshape(w.shape).to(w.dtype)

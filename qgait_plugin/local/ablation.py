@@ -37,7 +37,17 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
     """Run ``variants`` at ``bits``; ``quick`` matches a ``qgait demo --quick`` folder's batch sizes.
 
     Results of an earlier ablation at the same bit width (its JSON, the variants' checkpoints) are
-    replaced only with ``overwrite``; the refusal names them."""
+    replaced only with ``overwrite``; the refusal names them. Holds the demo folder's lock
+    (:mod:`qgait_plugin.lock`): no demo rewrites the FP checkpoint while an ablation reads it."""
+    from ..lock import output_lock
+
+    with output_lock(demo_dir, "demo folder"):
+        return _run_ablation(demo_dir, bits, variants, iters, progress, quick, overwrite)
+
+
+def _run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int, progress: bool, quick: bool,
+                  overwrite: bool) -> Dict[str, Any]:
+    from ..atomic import write_text_atomic
     from ..errors import OutputExists, short_repr
     from ..spec import check_bits
     from ..yamlfile import load_yaml
@@ -101,7 +111,7 @@ def run_ablation(demo_dir: str, bits: int, variants: List[str], iters: int = 0, 
         ev = tr.evaluate()
         results[name] = {"rank1": {k: round(v, 2) for k, v in ev["rank1"].items()}, "mAP": round(ev["mAP"], 2),
                          "iterations": out["iteration"], "train_seconds": round(out["train_seconds"], 1)}
-    out_json.write_text(json.dumps({"bits": bits, "results": results, "fp_checkpoint": fp_ckpt}, indent=1))
+    write_text_atomic(str(out_json), json.dumps({"bits": bits, "results": results, "fp_checkpoint": fp_ckpt}, indent=1))
     return results
 
 

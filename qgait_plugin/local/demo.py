@@ -66,10 +66,11 @@ def check_out_dir(out: Path, settings: Dict[str, Any], overwrite: bool) -> bool:
     existing ``data/`` must be generated again (made with other settings).
     """
     from ..errors import OutputExists, short_repr
+    from ..lock import LOCK_NAME
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; expected a folder for the demo's data and results")
-    entries = sorted(e.name for e in out.iterdir()) if out.is_dir() else []
+    entries = sorted(e.name for e in out.iterdir() if e.name != LOCK_NAME) if out.is_dir() else []
     if not entries:
         return False
     marker = out / MARKER
@@ -117,7 +118,19 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
     """Run every step into ``out``; returns the results dict also written to ``results.json``.
 
     ``out`` is checked first (:func:`check_out_dir`): an earlier demo's results are replaced only
-    with ``overwrite``."""
+    with ``overwrite``. One demo at a time writes into ``out`` (:mod:`qgait_plugin.lock`)."""
+    from ..atomic import check_writable
+    from ..lock import output_lock
+
+    if threads < 0:
+        raise ConfigError(f"--threads: {threads}; expected a positive number of threads, or 0 for the configs'")
+    check_writable(out, "--out")
+    with output_lock(out, "--out"):
+        return _run_demo(out, quick, configs, progress, threads, overwrite)
+
+
+def _run_demo(out: str, quick: bool, configs: Optional[str], progress: bool, threads: int,
+              overwrite: bool) -> Dict[str, Any]:
     import torch
 
     from ..bench.accuracy_report import subject_scores
@@ -127,8 +140,6 @@ def run_demo(out: str, quick: bool = False, configs: Optional[str] = None, progr
     from .report import plot_accuracy, plot_distances, plot_training_curves, write_tables
     from .trainer import Trainer
 
-    if threads < 0:
-        raise ConfigError(f"--threads: {threads}; expected a positive number of threads, or 0 for the configs'")
     if threads:
         torch.set_num_threads(threads)
     cfg_dir = Path(configs) if configs else demo_config_dir()

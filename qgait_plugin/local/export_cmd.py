@@ -7,8 +7,9 @@ PyTorch model (embedding cosine, the minimum over the test sequences checked) an
 against an FP32 export of the same network in the chosen runtime.
 
 Refused before anything is read or written: an output that is a folder, that is the checkpoint
-being read or the other output, an existing file without ``--force``, and a checkpoint that does
-not fit the config (other model, other bits).
+being read or the other output, an existing file without ``--force``, one that cannot be written,
+and a checkpoint that does not fit the config (other model, other bits). When a step fails after
+the ONNX file is written (the packed file, say), the new files are removed again.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
                       checks: int = 8) -> Dict[str, Any]:
     """Export the checkpoint ``cfg``'s ``evaluator_cfg.restore_hint`` picks (a loaded config dict)."""
     from ..export.deploy import export_and_check
-    from ..export.outputs import check_output_paths
+    from ..export.outputs import all_or_nothing, check_output_paths
     from ..export.packed import save_packed
     from ..export.runtime import RUNTIMES
     from ..quant.size import model_size_bytes
@@ -48,6 +49,8 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
         raise ConfigError(f"--runs: {runs}; give 0 (no timing) or more timed runs")
     if checks < 1:
         raise ConfigError(f"--check: {checks}; the agreement check needs at least one test sequence")
+    if threads < 0:
+        raise ConfigError(f"--threads: {threads}; give a positive number of threads, or 0 for torch's count")
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime: {runtime!r} is not a runtime; choose one of {list(RUNTIMES)}")
     if cfg.get("quant") is None:
@@ -62,13 +65,14 @@ def export_checkpoint(cfg: Dict[str, Any], out: str, packed: str = "", runs: int
     limit = e["sampler"].get("frames_all_limit", 0)
     # as the evaluator feeds them: [1, frames, h, w] in [0, 1] (uint8 / 255, exact in the graph's uint8 input)
     seqs = [s.frames[: limit or s.frames.shape[0]].float().div(255.0)[None] for s in test[:checks]]
-    res = export_and_check(model, seqs[0], out, checks=seqs, runtime=runtime,
-                           threads=threads or torch.get_num_threads(), runs=runs)
-    res.update(frames=int(seqs[0].shape[1]), checked_sequences=len(seqs), checkpoint=ckpt,
-               model_size_bytes=model_size_bytes(tr.model))
-    if packed:
-        res["packed"] = packed
-        res["packed_bytes"] = save_packed(tr.model, packed)
+    with all_or_nothing([out, packed]):  # a failed --packed takes the new ONNX file with it
+        res = export_and_check(model, seqs[0], out, checks=seqs, runtime=runtime,
+                               threads=threads or torch.get_num_threads(), runs=runs)
+        res.update(frames=int(seqs[0].shape[1]), checked_sequences=len(seqs), checkpoint=ckpt,
+                   model_size_bytes=model_size_bytes(tr.model))
+        if packed:
+            res["packed"] = packed
+            res["packed_bytes"] = save_packed(tr.model, packed)
     return res
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_dict, write_checkpoint
 from ..config import ConfigError
-from ..errors import InputNotFound, NonFiniteError, OutputExists, short_repr
+from ..errors import InputNotFound, NonFiniteError, OutputError, OutputExists, short_repr
 from ..protocol import casia_b_protocol
 from ..quant.quantizer import collapsed_steps
 from .config import loss_terms, output_dir
@@ -239,7 +239,10 @@ class Trainer:
             raise NonFiniteError(f"iteration {self.iteration}: non-finite weights ({len(bad)} tensors, e.g. "
                                  f"{short_repr(bad[:3])}); not saved. {self._last_good()}")
         path = checkpoint_path(self.out_dir, self.save_name, self.iteration)
-        write_checkpoint(self.state_dict(), path)
+        try:
+            write_checkpoint(self.state_dict(), path)
+        except OutputError as e:  # a full disk: say which checkpoint still holds the run
+            raise OutputError(f"iteration {self.iteration}: {e}. {self._last_good()}") from None
         self.last_saved = path
         return path
 
@@ -310,8 +313,17 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         """Train to ``total_iter``.
 
-        Returns ``{"iteration", "train_seconds", "history", "val_history", "checkpoint"}``.
+        Returns ``{"iteration", "train_seconds", "history", "val_history", "checkpoint"}``. Holds the
+        lock of the run's output folder (:mod:`qgait_plugin.lock`) throughout: a second run started
+        into the same ``save_name`` is refused at once, naming this run's pid, before it checks or
+        removes any checkpoint.
         """
+        from ..lock import output_lock
+
+        with output_lock(self.out_dir, "trainer_cfg.save_name"):
+            return self._train()
+
+    def _train(self) -> Dict[str, Any]:
         from tqdm import tqdm
 
         if self.optimizer is None:

@@ -4,17 +4,25 @@ Inputs are the results JSON the launcher writes after a test (``qgait-results/1`
 dataset, metrics, size in bytes, bits) or an OpenGait log file; from a log the metrics are read
 from OpenGait's own evaluator output (CASIA-B/OUMVLP ``NM@R1: 97.60%`` summary lines, GREW's
 ``==Rank-1==`` block, Gait3D's result dict) and size/bits are unknown.
+
+Inputs are checked before anything is compared: every metric must be a finite number (not a
+boolean, string or list), in percent (a run whose values are all fractions of 1 against one in
+percent is refused: its differences would be meaningless), ``size_bytes`` a whole number and
+``bits`` two whole numbers; all runs must come from one data set and share a metric with the FP run.
+Metrics that cannot be compared (not rank-1/mAP, or missing from the FP run) are listed as skipped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import QGaitError
+from ..errors import QGaitError, short_repr
 
 RESULTS_FORMAT = "qgait-results/1"
 
@@ -64,15 +72,95 @@ def load_result(path: str, fp: bool = False) -> RunResult:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise CompareError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise CompareError(f"{path}: holds a JSON {type(d).__name__}; expected a {RESULTS_FORMAT!r} object")
         if d.get("format") != RESULTS_FORMAT or not isinstance(d.get("metrics"), dict):
-            raise CompareError(f"{path}: format {d.get('format')!r}; "
+            raise CompareError(f"{path}: format {short_repr(d.get('format'))}; "
                                f"expected {RESULTS_FORMAT!r} with a 'metrics' mapping")
-        return RunResult(p.stem if p.stem != "qgait_results" else d.get("save_name", p.stem), dict(d["metrics"]),
-                         d.get("model", "?"), d.get("dataset", "?"), d.get("size_bytes"), d.get("bits"), fp)
+        name = p.stem if p.stem != "qgait_results" else d.get("save_name", p.stem)
+        return RunResult(str(name), _check_metrics(path, d["metrics"]), _text(path, d, "model"),
+                         _text(path, d, "dataset"), _size_field(path, d.get("size_bytes")),
+                         _bits_field(path, d.get("bits")), fp)
     metrics = parse_log(text)
     if not metrics:
         raise CompareError(f"{path}: no OpenGait evaluation output found (rank-1 lines or a test_accuracy dict)")
     return RunResult(p.stem, metrics, fp=fp)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_metrics(path: str, metrics: Dict[str, object]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise CompareError(f"{path}: metrics.{k}: {short_repr(v)} ({type(v).__name__}); expected a number "
+                               "(rank-1 or mAP in percent)")
+        if not math.isfinite(v):
+            raise CompareError(f"{path}: metrics.{k}: {v!r}; expected a finite number")
+        if not 0 <= v <= 100:
+            raise CompareError(f"{path}: metrics.{k}: {v!r} is outside 0..100; expected a percentage")
+        out[str(k)] = float(v)
+    return out
+
+
+def _text(path: str, d: Dict[str, object], key: str) -> str:
+    v = d.get(key, "?")
+    if not isinstance(v, str):
+        raise CompareError(f"{path}: {key}: {short_repr(v)} ({type(v).__name__}); expected a name")
+    return v
+
+
+def _size_field(path: str, v: object) -> Optional[int]:
+    if v is None:
+        return None
+    if not _is_int(v) or int(v) <= 0:  # type: ignore[call-overload]
+        raise CompareError(f"{path}: size_bytes: {short_repr(v)}; expected a whole number of bytes > 0 (or null)")
+    return int(v)  # type: ignore[call-overload]
+
+
+def _bits_field(path: str, v: object) -> Optional[Dict[str, int]]:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not all(_is_int(v.get(k)) and 1 <= v[k] <= 32 for k in ("weight", "act")):
+        raise CompareError(f"{path}: bits: {short_repr(v)}; expected {{'weight': 1..32, 'act': 1..32}} (or null)")
+    return {"weight": int(v["weight"]), "act": int(v["act"])}
+
+
+def _scale(r: RunResult) -> str:
+    """``fraction`` when every compared metric of ``r`` is at most 1, else ``percent``."""
+    vals = [v for k, v in r.metrics.items() if _comparable(k)]
+    return "fraction" if vals and max(vals) <= 1.0 else "percent"
+
+
+def _comparable(k: str) -> bool:
+    return k.endswith("@R1") or k in ("Rank-1", "mAP")
+
+
+def check_comparable(fp: RunResult, quant: Sequence[RunResult], paths: Sequence[str]) -> List[str]:
+    """Refuse runs that cannot share a table with ``fp``; returns notes on the metrics left out."""
+    if not any(_comparable(k) for k in fp.metrics):
+        raise CompareError(f"{paths[0]}: has no rank-1 or mAP metric (has {short_repr(sorted(fp.metrics))})")
+    scales = {p: _scale(r) for p, r in zip(paths, [fp, *quant])}
+    if len(set(scales.values())) > 1:
+        frac = [p for p, sc in scales.items() if sc == "fraction"]
+        raise CompareError(f"{frac}: every rank-1/mAP value is a fraction of 1 while the other runs give percent; "
+                           "write them in percent (x100) so the differences mean something")
+    notes: List[str] = []
+    for p, r in zip(paths, [fp, *quant]):
+        other = sorted(k for k in r.metrics if not _comparable(k))
+        if other:
+            notes.append(f"{p}: skipped {other} (not rank-1 or mAP)")
+    for p, r in zip(paths[1:], quant):
+        shared = [k for k in r.metrics if _comparable(k) and k in fp.metrics]
+        if not shared:
+            raise CompareError(f"{p}: shares no rank-1/mAP metric with the FP run {paths[0]} "
+                               f"({short_repr(sorted(r.metrics))} vs {short_repr(sorted(fp.metrics))})")
+        missing = sorted(k for k in r.metrics if _comparable(k) and k not in fp.metrics)
+        if missing:
+            notes.append(f"{p}: {missing} have no FP value to compare with (shown without a difference)")
+    return notes
 
 
 def _columns(results: Sequence[RunResult]) -> List[str]:
@@ -118,12 +206,16 @@ def compare_table(fp: RunResult, quant: Sequence[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def compare_files(fp_path: str, quant_paths: Sequence[str]) -> str:
+def compare_files(fp_path: str, quant_paths: Sequence[str], notes: Optional[List[str]] = None) -> str:
+    """The table of :func:`compare_table`; what was left out is appended to ``notes`` when given."""
     fp = load_result(fp_path, fp=True)
     quant = [load_result(p) for p in quant_paths]
     mismatched = [q.name for q in quant if "?" not in (q.dataset, fp.dataset) and q.dataset != fp.dataset]
     if mismatched:
         raise CompareError(f"{mismatched} were evaluated on another data set than the FP run ({fp.dataset})")
+    found = check_comparable(fp, quant, [fp_path, *quant_paths])
+    if notes is not None:
+        notes.extend(found)
     return compare_table(fp, quant)
 
 
@@ -133,5 +225,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(compare_files(args.fp_result, args.quant_results))
+    notes: List[str] = []
+    print(compare_files(args.fp_result, args.quant_results, notes))
+    for note in notes:
+        print(f"qgait compare: {note}", file=sys.stderr)
     return 0

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..atomic import write_text_atomic
 from ..errors import QGaitError, short_repr
 from ..yamlfile import load_yaml
 from .env import import_opengait
@@ -191,9 +192,8 @@ def run(phase: str, root: Optional[str], cfgs: str, device: str = "cuda", iterat
         rec = results_record(model, result, cfg, cfg_path)
         default = Path("output") / rec["dataset"] / rec["model"] / rec["save_name"] / "qgait_results.json"
         out = Path(results) if results else default
-        out.parent.mkdir(parents=True, exist_ok=True)
         replacing = out.exists()
-        out.write_text(json.dumps(rec, indent=2))
+        write_text_atomic(str(out), json.dumps(rec, indent=2))  # a reader sees the old record or the new one
         print(f"qgait: results written to {out.resolve()}" + (" (replacing the results of an earlier test)"
                                                                if replacing else ""), flush=True)
 

@@ -49,7 +49,12 @@ class Patch:
 
     @classmethod
     def load(cls, path: Path) -> Patch:
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PatchError(f"{path}: cannot be read as a patch file ({type(e).__name__}: {e})") from None
+        if not isinstance(d, dict):
+            raise PatchError(f"{path}: holds a JSON {type(d).__name__}; expected an object")
         for key in ("file", "anchor", "insert"):
             if not isinstance(d.get(key), str) or not d[key]:
                 raise PatchError(f"{path}: key {key!r} missing or not a non-empty string")

@@ -51,9 +51,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None) -> nn.Mo
     ``last_layer: fp``) stay float modules. Steps initialise from data on first use: weights from
     themselves, inputs from the first training batch. An override that matches no layer is an
     error, since it is almost always a typo in the glob. With ``quant.residual`` on (the default),
-    registered residual blocks then get the quantizers around their adds (:mod:`.blocks`).
+    registered residual blocks then get the quantizers around their adds (:mod:`.blocks`). A model
+    that already holds quantizers is refused (a second conversion would find nothing left to convert).
     """
     cfg = QuantConfig.from_dict(config) if not isinstance(config, QuantConfig) else config
+    done = sum(1 for _ in iter_quantizers(model))
+    if done:
+        raise ConfigError(f"{type(model).__name__} is already quantized ({done} quantizers); quantize_model converts "
+                          "a float model once. Convert a fresh copy of the float model, or call dequantize_model first")
     layers = quantizable_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no quantizable layer (Conv1d/2d/3d, Linear or a registered type)")

@@ -8,6 +8,12 @@ its name in ``ROUNDING_NAMES``; the table is checked against that list on import
 
 The clamp to ``[qmin, qmax]`` happens before ``R`` in the quantizer, so autograd's clamp already
 gives 0 outside the range; the functions here only shape the gradient inside it.
+
+The soft surrogate at ``alpha -> 0``: ``phi'`` tends to 1 everywhere (STE's gradient) and ``phi`` to
+the identity. ``alpha / tanh(alpha / 2)`` is 0/0 there, so below :data:`SMALL_ALPHA` (where the
+surrogate differs from its limit by less than ``alpha**2 / 12``, under 1e-9) the functions return
+the limit itself; ``alpha == 0`` is exactly STE. A negative or non-finite ``alpha`` has no meaning
+and is a :class:`~qgait_plugin.errors.ConfigError`.
 """
 from __future__ import annotations
 
@@ -16,7 +22,19 @@ from typing import Callable, Dict, NamedTuple
 
 import torch
 
+from ..errors import ConfigError
 from ..spec import ROUNDING_NAMES
+
+#: below this ``alpha`` the soft surrogate is its ``alpha -> 0`` limit (STE's gradient, identity value)
+SMALL_ALPHA = 1e-4
+
+
+def _alpha(alpha: float) -> float:
+    """``alpha`` as a float, refused when negative or not finite."""
+    a = float(alpha)
+    if not math.isfinite(a) or a < 0:
+        raise ConfigError(f"soft rounding alpha: {alpha!r}; expected a finite number >= 0 (0 is the STE limit)")
+    return a
 
 RoundFn = Callable[[torch.Tensor, float], torch.Tensor]
 GradFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -41,6 +59,9 @@ def soft_round_grad(v: torch.Tensor, alpha: float) -> torch.Tensor:
     1, so on average it passes the same gradient as STE, but concentrates it where ``v`` is about
     to flip to the next level (half-integers).
     """
+    alpha = _alpha(alpha)
+    if alpha < SMALL_ALPHA:
+        return torch.ones_like(v)
     frac = v - torch.floor(v) - 0.5
     scale = alpha / (2.0 * math.tanh(alpha / 2.0))
     return scale * torch.cosh(alpha * frac).pow(-2)
@@ -52,6 +73,9 @@ def soft_round_value(v: torch.Tensor, alpha: float) -> torch.Tensor:
     Continuous and differentiable by autograd (``floor`` contributes no gradient), used only
     by the ``soft_forward`` ablation (DSQ-style), where it replaces ``round`` in the forward pass.
     """
+    alpha = _alpha(alpha)
+    if alpha < SMALL_ALPHA:
+        return v * 1.0  # the limit is the identity (a new tensor, as the formula gives)
     fl = torch.floor(v)
     return fl + 0.5 * torch.tanh(alpha * (v - fl - 0.5)) / math.tanh(alpha / 2.0) + 0.5
 
@@ -80,9 +104,7 @@ def ste_round(v: torch.Tensor, alpha: float = 0.0) -> torch.Tensor:
 
 def soft_round(v: torch.Tensor, alpha: float = 3.0) -> torch.Tensor:
     """``round`` with the soft surrogate's gradient ``phi'(v)``."""
-    if alpha <= 0:
-        raise ValueError(f"soft rounding needs alpha > 0, got {alpha!r}")
-    if alpha < 1e-4:  # phi' -> 1 as alpha -> 0; avoid 0/0 in alpha / tanh(alpha/2)
+    if _alpha(alpha) < SMALL_ALPHA:  # phi' -> 1 as alpha -> 0: STE (no 0/0 in alpha / tanh(alpha/2))
         return _STERound.apply(v)
     return _SoftRound.apply(v, float(alpha))
 

@@ -1,7 +1,8 @@
 """``qgait synth``: write a generated CASIA-B-shaped silhouette set in OpenGait's format.
 
 Renders articulated walkers from 11 views (nm/bg/cl types) to DIR/<id>/<type>/<view>/<view>.pkl
-(uint8 [frames, 64, 64]) plus DIR/partition.json. Same seed, same bytes.
+(uint8 [frames, 64, 64]) plus DIR/partition.json. Same seed, same bytes. A run that fails (a full
+disk, Ctrl-C) removes what it wrote.
 """
 from __future__ import annotations
 
@@ -83,6 +84,26 @@ def check_out_dir(out: str, overwrite: bool, new_ids: List[str]) -> List[str]:
             if i and (root / i).is_dir() and not (root / i).is_symlink() and (root / i).resolve().parent == real]
 
 
+def _remove_partial(root: Path, ids: List[str], created: bool) -> None:
+    """After a failed generation (a full disk, Ctrl-C): remove the subject folders and partition this
+    run wrote, and ``root`` itself when the run created it, so no half data set passes for a whole one."""
+    import shutil
+
+    from ..layout import PARTITION_NAME
+
+    if not root.is_dir():
+        return
+    for i in ids:
+        d = root / i
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+    part = root / PARTITION_NAME
+    if part.is_file():
+        part.unlink()
+    if created:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate the set; prints where the partition file went."""
     import math
@@ -109,12 +130,21 @@ def run(args: argparse.Namespace) -> int:
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: {value}; expected a finite number >= 0")
             kw[name] = value
-    stale = check_out_dir(args.out, args.overwrite, [subject_id(i + 1) for i in range(kw["subjects"])])
+    from ..atomic import check_writable
+
+    new_ids = [subject_id(i + 1) for i in range(kw["subjects"])]
+    stale = check_out_dir(args.out, args.overwrite, new_ids)
+    check_writable(args.out, "--out")
     for d in stale:
         shutil.rmtree(d)
     t0 = time.time()
-    partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, val_subjects=args.val_subjects,
-                                 train_subjects=args.train_subjects, **kw)
+    created = not Path(args.out).exists()
+    try:
+        partition = generate_dataset(args.out, seed=args.seed, workers=args.workers, val_subjects=args.val_subjects,
+                                     train_subjects=args.train_subjects, **kw)
+    except BaseException:
+        _remove_partial(Path(args.out), new_ids, created)
+        raise
     print(f"wrote {args.out} ({kw['subjects']} subjects) in {time.time() - t0:.1f} s; partition: {partition}")
     if args.probe:
         from .difficulty import probe

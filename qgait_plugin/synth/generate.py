@@ -72,6 +72,11 @@ class SynthConfig:
         for v in self.views:
             if not 0 <= int(v) <= 180:
                 raise ConfigError(f"SynthConfig.views: view {v!r} outside 0..180 degrees")
+            if int(v) not in CASIA_B_VIEWS:  # the protocol and the folder names (``018``) assume the grid
+                raise ConfigError(f"SynthConfig.views: view {v!r} is not on CASIA-B's 18-degree grid; allowed: "
+                                  f"{list(CASIA_B_VIEWS)}")
+        if len(set(self.views)) != len(self.views):
+            raise ConfigError(f"SynthConfig.views: {list(self.views)} names a view twice")
         if self.height < 32 or self.width < 32:
             raise ConfigError(f"SynthConfig.height/width: need at least 32 px, got {self.height}x{self.width}")
         knobs = {f"SynthConfig.{k}": getattr(self, k) for k in ("spread", "style_jitter", "speed_jitter",
