@@ -254,6 +254,12 @@ class LSQQuantizer(nn.Module):
         self.step.data.copy_(step.reshape(self.step.shape))
         self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def set_step(self, step: torch.Tensor) -> None:
+        """Set the step (positive values, the step's shape) and mark the quantizer initialised."""
+        self.step.data.copy_(step.reshape(self.step.shape).clamp_min(STEP_EPS))
+        self.initialized.fill_(True)
+
     def qrange_now(self) -> Tuple[int, int]:
         return qrange(self.bits, bool(self.signed))
 
