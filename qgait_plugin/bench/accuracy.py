@@ -107,8 +107,11 @@ def load_bench_config(path: Path, quick: bool = False) -> Dict[str, Any]:
     for m in (cfg.get("ptq") or {}).get("methods") or []:
         if m not in PTQ_LISTABLE:
             raise ConfigError(f"{path}: ptq.methods: {m!r} is not one of {list(PTQ_LISTABLE)}")
-    if "lsq" not in cfg["qat"]["methods"]:
-        raise ConfigError(f"{path}: qat.methods must include lsq (the baseline of every paired difference)")
+    if cfg["qat"]["methods"] and "lsq" not in cfg["qat"]["methods"]:
+        raise ConfigError(f"{path}: qat.methods must include lsq (the baseline of every paired difference), or be "
+                          "empty for a PTQ-only benchmark (ptq.methods)")
+    if not cfg["qat"]["methods"] and not (cfg.get("ptq") or {}).get("methods"):
+        raise ConfigError(f"{path}: qat.methods and ptq.methods are both empty; nothing to run")
     if not cfg["qat"]["seeds"]:
         raise ConfigError(f"{path}: qat.seeds: give at least one seed")
     split = float(cfg["qgait"]["split"])
