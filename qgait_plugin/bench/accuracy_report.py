@@ -56,6 +56,7 @@ def summarize(cfg: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> D
             row: Dict[str, Any] = {m: mean_std([r["rank1"][m] for r in runs]) for m in METRICS}
             row["mAP"] = mean_std([r["mAP"] for r in runs])
             row["wall_seconds"] = mean_std([r["wall_seconds"] for r in runs])
+            row["train_seconds"] = mean_std([r["train_seconds"] for r in runs])  # PTQ: the calibration
             row["seeds"] = sorted(r["seed"] for r in runs)
             lsq = by.get("lsq", {}).get(bits, [])
             if method != "lsq" and lsq:
@@ -76,20 +77,21 @@ PTQ_W4_OBJECTIVE_SECONDS = 300.0
 
 
 def check_ptq_floors(table: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
-    """The PTQ floors on the benchmark's own numbers (wall time of a run, calibration and test evaluation
-    included): ``ptq`` at W8A8 within :data:`PTQ_W8_POINTS` of ``fp`` in under :data:`PTQ_W8_SECONDS`;
-    every objective at W4A4 in under :data:`PTQ_W4_OBJECTIVE_SECONDS`."""
+    """The PTQ floors on the benchmark's own numbers: ``ptq`` at W8A8 within :data:`PTQ_W8_POINTS` of ``fp``,
+    calibrated in under :data:`PTQ_W8_SECONDS`; every objective at W4A4 calibrated in under
+    :data:`PTQ_W4_OBJECTIVE_SECONDS`. Times are the calibration's (statistics, BatchNorm, objective; the
+    checkpoint's ``train_seconds``), the test evaluation not included (the table's wall column has it)."""
     out: Dict[str, Any] = {}
     w8 = table.get("W8A8", {})
     if "ptq" in w8 and "fp" in w8:
         gap = w8["fp"]["mean"]["mean"] - w8["ptq"]["mean"]["mean"]
-        secs = w8["ptq"]["wall_seconds"]["mean"]
+        secs = w8["ptq"]["train_seconds"]["mean"]
         out["W8A8_ptq"] = {"fp": w8["fp"]["mean"]["mean"], "ptq": w8["ptq"]["mean"]["mean"], "gap": gap,
-                           "wall_seconds": secs, "met": bool(gap <= PTQ_W8_POINTS and secs < PTQ_W8_SECONDS)}
+                           "calibrate_seconds": secs, "met": bool(gap <= PTQ_W8_POINTS and secs < PTQ_W8_SECONDS)}
     w4 = table.get("W4A4", {})
-    slow = {m: r["wall_seconds"]["mean"] for m, r in w4.items() if m in PTQ_METHODS and m != "ptq"}
+    slow = {m: r["train_seconds"]["mean"] for m, r in w4.items() if m in PTQ_METHODS and m != "ptq"}
     if slow:
-        out["W4A4_objectives"] = {"wall_seconds": slow, "met": bool(max(slow.values()) < PTQ_W4_OBJECTIVE_SECONDS)}
+        out["W4A4_objectives"] = {"calibrate_seconds": slow, "met": bool(max(slow.values()) < PTQ_W4_OBJECTIVE_SECONDS)}
     return out
 
 
@@ -152,11 +154,12 @@ def markdown(summary: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = Non
         if any(m in PTQ_METHODS for m in ptq):
             lines += [f"### {key}: post-training quantization", "",
                       "| method | NM | BG | CL | mean | mAP | mean − ptq [95 % CI] | mean − lsq [95 % CI] | seeds | "
-                      "wall (s/run) |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "calibrate (s/run) | wall (s/run) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for method, r in ptq.items():
                 lines.append(f"| {method} | {_fmt(r['NM'])} | {_fmt(r['BG'])} | {_fmt(r['CL'])} | {_fmt(r['mean'])} | "
                              f"{_fmt(r['mAP'])} | {_ci(r.get('vs_ptq'))} | {_ci(r.get('vs_lsq'))} | "
-                             f"{len(r['seeds'])} | {r['wall_seconds']['mean']:.0f} |")
+                             f"{len(r['seeds'])} | {r['train_seconds']['mean']:.1f} | "
+                             f"{r['wall_seconds']['mean']:.0f} |")
             lines.append("")
     fl = summary.get("floors") or {}
     if fl:
@@ -178,12 +181,12 @@ def markdown(summary: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = Non
         if "W8A8_ptq" in pf:
             f = pf["W8A8_ptq"]
             lines.append(f"- W8A8 ptq {f['ptq']:.1f} vs fp {f['fp']:.1f} (gap {f['gap']:+.1f}, target ≤ "
-                         f"{PTQ_W8_POINTS:g}) in {f['wall_seconds']:.0f} s per run (target < {PTQ_W8_SECONDS:.0f} s, "
-                         "test evaluation included): {'met' if f['met'] else 'not met'}")
+                         f"{PTQ_W8_POINTS:g}), calibrated in {f['calibrate_seconds']:.0f} s (target < "
+                         f"{PTQ_W8_SECONDS:.0f} s): {'met' if f['met'] else 'not met'}")
         if "W4A4_objectives" in pf:
             f = pf["W4A4_objectives"]
-            secs = ", ".join(f"{m} {v:.0f} s" for m, v in f["wall_seconds"].items())
-            lines.append(f"- W4A4 objectives per run: {secs} (target < {PTQ_W4_OBJECTIVE_SECONDS:.0f} s): "
+            secs = ", ".join(f"{m} {v:.0f} s" for m, v in f["calibrate_seconds"].items())
+            lines.append(f"- W4A4 calibration with an objective: {secs} (target < {PTQ_W4_OBJECTIVE_SECONDS:.0f} s): "
                          f"{'met' if f['met'] else 'not met'}")
         lines.append("")
     if meta:

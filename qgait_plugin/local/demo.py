@@ -4,7 +4,8 @@ Steps, each timed and printed: generate the data set (if missing) -> train FP ->
 calibrate a W8A8 model from the FP checkpoint without training (post-training quantization,
 ``qgait calibrate``) -> for W8A8 and W3A3, fine-tune from the FP checkpoint with plain
 LSQ-STE and with QGait (STE phase, then soft rounding + IDD) on the same iteration budget ->
-evaluate each -> write ``results.md``, ``results.json`` and plots into the output folder. The run is driven by ``configs/demo/*.yaml``
+evaluate each -> write ``results.md``, ``results.json`` and plots into the output folder. The run
+is driven by ``configs/demo/*.yaml``
 (real configs a user can pass to ``qgait train``); the demo overrides only paths, and sizes for
 ``--quick``.
 """
