@@ -84,7 +84,7 @@ def test_tune_reads_validation_only(bench, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("bits: 3\nseeds: [0]\ncandidates:\n  - {name: a, qgiat: {}}\n", "candidates[0].qgiat: unknown key"),
     ("bits: 3\nseeds: [0]\nbase: {qgiat: {alpha: 2.0}}\ncandidates:\n  - {name: a}\n",
-     "base: expected a mapping of qgait/qat/kd sections"),
+     "base: expected a mapping of qgait/qat/kd/ptq sections"),
 ])
 def test_tune_grid_errors(tmp_path, capsys, text, message):
     grid = tmp_path / "g.yaml"
