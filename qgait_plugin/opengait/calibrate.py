@@ -84,22 +84,11 @@ def calibrate_opengait(cfg_path: str, root: Optional[str] = None, workdir: Optio
     from ..config import QuantConfig
     from ..schedule import QGaitSchedule
     from ..teacher import make_teacher
-    from .env import import_opengait
-    from .export import build_network
-    from .launcher import LaunchError, load_config
+    from .export import build_network, load_quant_config
     from .quant_model import PluginState
-    from .registry import register
 
     t0 = time.perf_counter()
-    og = import_opengait(root)
-    register(og)
-    path = Path(cfg_path).resolve()
-    if not path.is_file():
-        raise LaunchError(f"--cfgs: {cfg_path} does not exist (expected an OpenGait config YAML)")
-    cfgs = load_config(og, path)
-    if not cfgs.get("quant"):
-        raise ConfigError(f"{cfg_path}: has no quant: section; calibrate writes a quantized model (add quant: with "
-                          "init_from)")
+    og, cfgs = load_quant_config(cfg_path, root, "calibrate writes a quantized model (add quant: with init_from)")
     qc = QuantConfig.from_dict(cfgs["quant"])
     if not qc.init_from:
         raise ConfigError("quant.init_from: calibration starts from a full-precision checkpoint; give its path")
