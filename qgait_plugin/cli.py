@@ -20,6 +20,8 @@ from .errors import Interrupted, QGaitError
 COMMANDS: Tuple[Tuple[str, str, str], ...] = (
     ("synth", "qgait_plugin.synth.cli", "generate gait silhouettes in OpenGait's format (CASIA-B structure)"),
     ("train", "qgait_plugin.local.train_cmd", "train (FP, or QAT with a quant: section) with the built-in host"),
+    ("calibrate", "qgait_plugin.local.calibrate_cmd",
+     "post-training quantization: calibrate the quantizers of an FP checkpoint (built-in host)"),
     ("test", "qgait_plugin.local.eval_cmd", "evaluate a checkpoint with the CASIA-B protocol on the built-in host"),
     ("demo", "qgait_plugin.local.demo", "generate data, train FP, quantize W8A8/W4A4 with LSQ and QGait, compare"),
     ("export", "qgait_plugin.local.export_cmd",

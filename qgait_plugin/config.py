@@ -285,8 +285,66 @@ class ResidualQuantConfig:
         return cls(enabled=_get(d, "enabled", path, (bool,), cls.enabled), bits=bits)
 
 
+#: How post-training calibration sets activation steps (``quant.calibrate.estimator``).
+CALIB_ESTIMATORS = ("mse", "percentile", "minmax")
+#: What calibration does with BatchNorm statistics (``quant.calibrate.bn``).
+CALIB_BN = ("keep", "reestimate")
+#: What the optional step training after the statistics minimises (``quant.calibrate.objective``).
+CALIB_OBJECTIVES = ("none", "idc", "kd", "task", "recon")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Post-training quantization (``qgait calibrate``): steps from statistics, then an optional objective.
+
+    ``samples`` training sequences are drawn with ``seed`` and cut into batches of ``batch``
+    sequences (``frames`` frames each; 0 takes the host's training ``frames_num_fixed``). Weight
+    steps come from the weights (MSE-optimal clip per channel), activation steps from the whole
+    calibration set by ``estimator`` (``mse``: MSE-optimal clip over a sample of every batch;
+    ``percentile``: the ``percentile``-th percentile of ``|x|``; ``minmax``: the largest ``|x|``).
+    ``bn: reestimate`` recomputes BatchNorm's running statistics on the quantized model.
+    ``objective`` other than ``none`` then trains the steps only (and BatchNorm's affine
+    parameters with ``train_bn``) for ``iters`` Adam iterations at ``lr`` against the frozen FP
+    teacher: ``idc`` (the IDD loss of ``quant.idd``'s weight and criterion), ``kd`` (MSE to the
+    teacher's embeddings), ``task`` (the host's training loss) or ``recon`` (every block's output
+    against the FP block's).
+    """
+
+    samples: int = 256
+    batch: int = 32
+    frames: int = 0
+    seed: int = 0
+    estimator: str = "mse"
+    percentile: float = 99.99
+    bn: str = "keep"
+    objective: str = "none"
+    iters: int = 200
+    lr: float = 1e-3
+    train_bn: bool = False
+
+    @classmethod
+    def from_dict(cls, d: Any, path: str = "quant.calibrate") -> CalibrateConfig:
+        d = _check_keys(d, path, ("samples", "batch", "frames", "seed", "estimator", "percentile", "bn",
+                                  "objective", "iters", "lr", "train_bn"))
+        ints = {}
+        for key, low in (("samples", 1), ("batch", 1), ("frames", 0), ("seed", 0), ("iters", 0)):
+            v = _get(d, key, path, (int,), getattr(cls, key))
+            if v < low:
+                raise ConfigError(f"{path}.{key}: {short_repr(v)} must be >= {low}")
+            ints[key] = v
+        pct = _get(d, "percentile", path, (float, int), cls.percentile)
+        if not 50 < pct <= 100:
+            raise ConfigError(f"{path}.percentile: {short_repr(pct)} is out of range (50, 100]")
+        lr = _get(d, "lr", path, (float, int), cls.lr)
+        _positive(lr, f"{path}.lr")
+        return cls(estimator=_choice(d, "estimator", path, CALIB_ESTIMATORS, cls.estimator), percentile=float(pct),
+                   bn=_choice(d, "bn", path, CALIB_BN, cls.bn),
+                   objective=_choice(d, "objective", path, CALIB_OBJECTIVES, cls.objective), lr=float(lr),
+                   train_bn=_get(d, "train_bn", path, (bool,), cls.train_bn), **ints)
+
+
 QUANT_KEYS = ("weight", "act", "overrides", "init_from", "first_layer_act", "last_layer", "rounding", "schedule",
-              "idd", "kd", "step_lr_scale", "residual")
+              "idd", "kd", "step_lr_scale", "residual", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -311,6 +369,7 @@ class QuantConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     step_lr_scale: float = 1.0
     residual: ResidualQuantConfig = field(default_factory=ResidualQuantConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant") -> QuantConfig:
@@ -336,6 +395,7 @@ class QuantConfig:
             kd=KDConfig.from_dict(d.get("kd"), f"{path}.kd"),
             step_lr_scale=_step_lr_scale(d, path),
             residual=ResidualQuantConfig.from_dict(d.get("residual"), f"{path}.residual"),
+            calibrate=CalibrateConfig.from_dict(d.get("calibrate"), f"{path}.calibrate"),
         )
 
     def to_dict(self) -> Dict[str, Any]:

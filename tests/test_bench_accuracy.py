@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from qgait_plugin.bench.methods import METHODS
+from qgait_plugin.bench.methods import METHODS, PTQ_METHODS
 from qgait_plugin.cli import main
 
 
@@ -27,23 +27,32 @@ def test_quick_benchmark_has_every_method_bits_and_seed(bench):
     seeds, bits = cfg["qat"]["seeds"], cfg["qat"]["bits"]
     runs = {(r["method"], r["bits"], r["seed"]) for r in res["runs"]}
     expected = {(m, 32 if m == "fp_continued" else b, s) for m in METHODS for b in bits for s in seeds}
+    # the PTQ methods (the calibration draw is the seed) and the FP checkpoint itself, evaluated once
+    assert cfg["ptq"]["methods"] == ["fp", *PTQ_METHODS]
+    expected |= {(m, b, s) for m in PTQ_METHODS for b in bits for s in seeds} | {("fp", 32, seeds[0])}
     assert runs == expected
     for r in res["runs"]:
-        assert r["final_split"] == "TEST_SET" and r["wall_seconds"] > 0 and r["val_history"]
+        assert r["final_split"] == "TEST_SET" and r["wall_seconds"] > 0
+        assert bool(r["val_history"]) == (r["kind"] == "qat")
         assert set(r["rank1"]) == {"NM", "BG", "CL", "mean"}
     table = res["summary"]["table"]
     assert set(table) == {f"W{b}A{b}" for b in bits}
     for rows in table.values():
-        assert set(rows) == set(METHODS)
+        assert set(rows) == set(METHODS) | set(PTQ_METHODS) | {"fp"}
         for m, row in rows.items():
-            assert row["seeds"] == sorted(seeds)
+            assert row["seeds"] == ([seeds[0]] if m == "fp" else sorted(seeds))
             if m != "lsq":
                 vs = row["vs_lsq"]
-                assert vs["low"] <= vs["mean"] <= vs["high"] and vs["seeds"] == len(seeds)
+                assert vs["low"] <= vs["mean"] <= vs["high"] and vs["seeds"] == (1 if m == "fp" else len(seeds))
+            if m in PTQ_METHODS and m != "ptq":  # each objective against plain PTQ, paired on the calibration draw
+                assert row["vs_ptq"]["low"] <= row["vs_ptq"]["mean"] <= row["vs_ptq"]["high"]
+    assert res["meta"]["timings_seconds"]["ptq_runs"] > 0
+    assert set(res["summary"]["ptq_floors"]) == {"W8A8_ptq", "W4A4_objectives"}
     assert set(res["summary"]["floors"]) == set(table)
     for name in ("results.md", "accuracy.png", "paired.png", "curves.png", "fp_curve.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "results.md").read_text()
+    assert "### W4A4: post-training quantization" in md and "| ptq_idc |" in md and "### PTQ floors" in md
     assert all(f"| {r['name']} | {r['rank1']['mean']:.1f} |" in md for r in res["runs"])  # every run, its wall time
     assert res["meta"]["fp_reference"]["curve"]
 
@@ -75,7 +84,7 @@ def test_tune_reads_validation_only(bench, tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("bits: 3\nseeds: [0]\ncandidates:\n  - {name: a, qgiat: {}}\n", "candidates[0].qgiat: unknown key"),
     ("bits: 3\nseeds: [0]\nbase: {qgiat: {alpha: 2.0}}\ncandidates:\n  - {name: a}\n",
-     "base: expected a mapping of qgait/qat/kd sections"),
+     "base: expected a mapping of qgait/qat/kd/ptq sections"),
 ])
 def test_tune_grid_errors(tmp_path, capsys, text, message):
     grid = tmp_path / "g.yaml"

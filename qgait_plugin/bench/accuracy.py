@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 from ..errors import ConfigError, DamagedFile, InputNotFound, Interrupted
 from ..records import read_record, write_record
-from .methods import METHODS, quant_section, switch_iteration
+from .methods import METHODS, PTQ_KNOBS, PTQ_LISTABLE, PTQ_METHODS, ptq_section, quant_section, switch_iteration
 
 #: the sections and keys of the benchmark config (anything else is a typo, and an error)
 CONFIG_KEYS: Dict[str, Tuple[str, ...]] = {
@@ -50,7 +50,10 @@ CONFIG_KEYS: Dict[str, Tuple[str, ...]] = {
             "eval_frames"),
     "qgait": ("split", "alpha", "alpha_end", "idd", "step_lr_scale"),
     "kd": ("weight",),
+    "ptq": ("methods",) + PTQ_KNOBS,
 }
+#: sections a benchmark config may leave out (no PTQ runs without ``ptq:``)
+OPTIONAL_SECTIONS = ("ptq",)
 
 #: ``--quick``: a smoke test of every method, bit width and seed in about a minute
 QUICK: Dict[str, Any] = {
@@ -58,6 +61,7 @@ QUICK: Dict[str, Any] = {
     "fp": {"val_every": 4, "patience": 1, "max_iter": 8, "lr_drops": 0},
     "qat": {"iters": 2, "seeds": [0, 1], "val_every": 2, "sampler": {"batch_size": [3, 2], "frames_num_fixed": 3},
             "eval_frames": 4},
+    "ptq": {"samples": 12, "batch": 6, "iters": 2},
     # merged into every run's host config (the FP reference's too)
     "host": {"data_cfg": {"resolution": [16, 11]},
              "model_cfg": {"channels": [4, 8, 8], "bin_num": [4], "SeparateFCs": {"out_channels": 8}},
@@ -97,7 +101,7 @@ def load_bench_config(path: Path, quick: bool = False) -> Dict[str, Any]:
         for k in body:
             if k not in CONFIG_KEYS[sec]:
                 raise ConfigError(f"{path}: {sec}.{k}: unknown key; allowed: {list(CONFIG_KEYS[sec])}")
-    missing = [s for s in CONFIG_KEYS if s not in cfg]
+    missing = [s for s in CONFIG_KEYS if s not in cfg and s not in OPTIONAL_SECTIONS]
     if missing:
         raise ConfigError(f"{path}: missing sections {missing}")
     host_over: Dict[str, Any] = {}
@@ -110,8 +114,14 @@ def load_bench_config(path: Path, quick: bool = False) -> Dict[str, Any]:
     for m in cfg["qat"]["methods"]:
         if m not in METHODS:
             raise ConfigError(f"{path}: qat.methods: {m!r} is not one of {list(METHODS)}")
-    if "lsq" not in cfg["qat"]["methods"]:
-        raise ConfigError(f"{path}: qat.methods must include lsq (the baseline of every paired difference)")
+    for m in (cfg.get("ptq") or {}).get("methods") or []:
+        if m not in PTQ_LISTABLE:
+            raise ConfigError(f"{path}: ptq.methods: {m!r} is not one of {list(PTQ_LISTABLE)}")
+    if cfg["qat"]["methods"] and "lsq" not in cfg["qat"]["methods"]:
+        raise ConfigError(f"{path}: qat.methods must include lsq (the baseline of every paired difference), or be "
+                          "empty for a PTQ-only benchmark (ptq.methods)")
+    if not cfg["qat"]["methods"] and not (cfg.get("ptq") or {}).get("methods"):
+        raise ConfigError(f"{path}: qat.methods and ptq.methods are both empty; nothing to run")
     if not cfg["qat"]["seeds"]:
         raise ConfigError(f"{path}: qat.seeds: give at least one seed")
     split = float(cfg["qgait"]["split"])
@@ -246,8 +256,11 @@ def _host_path(cfg: Mapping[str, Any]) -> str:
 # one QAT run (in a worker process)
 
 
-def qat_overrides(cfg: Mapping[str, Any], method: str, bits: int, fp_ckpt: str) -> Dict[str, Any]:
-    """Host-config overrides of one QAT run: budget, optimizer, the shared LR drop, sampler, ``quant:``."""
+def qat_overrides(cfg: Mapping[str, Any], method: str, bits: int, fp_ckpt: str, seed: int = 0) -> Dict[str, Any]:
+    """Host-config overrides of one run: budget, optimizer, the shared LR drop, sampler, ``quant:``.
+
+    A PTQ method's ``quant:`` is its calibration (``ptq:`` knobs, ``seed`` the calibration draw); the
+    rest is shared, so its evaluation is the QAT runs' own."""
     q = cfg["qat"]
     iters = int(q["iters"])
     over: Dict[str, Any] = {
@@ -259,7 +272,12 @@ def qat_overrides(cfg: Mapping[str, Any], method: str, bits: int, fp_ckpt: str) 
                           "gamma": float(q["lr_drop"])},
         "evaluator_cfg": {"sampler": {"frames_all_limit": int(q["eval_frames"])}},
     }
-    quant = quant_section(method, bits, iters, cfg["qgait"], cfg["kd"])
+    if method in PTQ_METHODS:
+        quant: Optional[Dict[str, Any]] = ptq_section(method, bits, cfg.get("ptq") or {}, seed)
+    elif method == "fp":
+        quant = None
+    else:
+        quant = quant_section(method, bits, iters, cfg["qgait"], cfg["kd"])
     if quant is not None:
         quant["init_from"] = fp_ckpt
         over["quant"] = quant
@@ -269,6 +287,8 @@ def qat_overrides(cfg: Mapping[str, Any], method: str, bits: int, fp_ckpt: str) 
 
 
 def run_name(method: str, bits: int, seed: int) -> str:
+    if method == "fp":
+        return "fp_reference"
     return f"{method}-w{bits}a{bits}-s{seed}" if method != "fp_continued" else f"{method}-s{seed}"
 
 
@@ -282,8 +302,20 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(int(job["threads"]))
     t0 = time.time()
     hc = build_config(job["host_cfg"], src=job["name"])
-    tr = Trainer(hc, progress=False, announce=False)  # the record names the FP checkpoint instead
-    out = tr.train()
+    if job["method"] in PTQ_METHODS:
+        from ..local.calibrate_cmd import calibrate_checkpoint
+
+        res = calibrate_checkpoint(hc, progress=False, announce=False, overwrite=True)
+        tr = res["trainer"]
+        out = {"history": [{"loss": v} for v in res["info"].get("loss", [])], "val_history": [],
+               "train_seconds": res["info"]["seconds"]["total"]}
+    elif job["method"] == "fp":
+        tr = Trainer(hc, progress=False, announce=False)
+        tr.restore(hc["trainer_cfg"]["restore_hint"], source="fp reference")
+        out = {"history": [], "val_history": [], "train_seconds": 0.0}
+    else:
+        tr = Trainer(hc, progress=False, announce=False)  # the record names the FP checkpoint instead
+        out = tr.train()
     last = tr.last_validation
     if job["final_split"] == "VAL_SET" and last is not None and last["iteration"] == tr.iteration:
         final = last  # the validation of the last iteration already is the final VAL_SET evaluation
@@ -300,6 +332,7 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
         "val_history": out["val_history"],
         "history": {k: [h.get(k) for h in hist] for k in keys},
         "train_seconds": out["train_seconds"], "wall_seconds": time.time() - t0,
+        "kind": "ptq" if job["method"] in PTQ_METHODS else "fp" if job["method"] == "fp" else "qat",
         "collapsed_steps": sum(out.get("collapsed_steps", {}).values()),
     }
 
@@ -315,16 +348,18 @@ def plan_jobs(cfg: Mapping[str, Any], data: Path, out: Path, fp_ckpt: str, final
     # what every record of this plan shares: readers refuse a folder whose records disagree on it
     provenance = {"data_seed": int(cfg["data"]["seed"]), "data": data.name, "fp_checkpoint": str(fp_ckpt),
                   "code_version": __version__}
-    methods = list(methods or q["methods"])
+    methods = list(methods or list(q["methods"]) + list((cfg.get("ptq") or {}).get("methods") or []))
     bits_list = list(bits_list or q["bits"])
     seeds = list(seeds if seeds is not None else q["seeds"])
     jobs = []
     for seed in seeds:
         for method in methods:
-            for bits in ([32] if method == "fp_continued" else bits_list):
+            if method == "fp" and seed != seeds[0]:
+                continue  # the FP checkpoint evaluated: the same for every seed
+            for bits in ([32] if method in ("fp_continued", "fp") else bits_list):
                 name = run_name(method, bits, seed)
                 base = host_config(cfg, data, out / "output", name, seed)
-                over = qat_overrides(cfg, method, bits, fp_ckpt)
+                over = qat_overrides(cfg, method, bits, fp_ckpt, seed)
                 # the job's thread count wins over the host config's num_threads: two runs of 2 threads
                 # each on 2 cores spin against each other (8x slower here, not 2x)
                 over["trainer_cfg"]["num_threads"] = threads
@@ -486,8 +521,14 @@ def _run_benchmark(cfg: Dict[str, Any], out: Path, cache: Path, progress: bool,
     fp = train_fp_reference(cfg, data, cache, progress)
     timings["fp_reference"] = time.time() - t0 - timings["data"]
     jobs = plan_jobs(cfg, data, out, fp["checkpoint"], "TEST_SET")
-    records = run_jobs(jobs, out / "runs", workers or int(cfg["qat"]["workers"]), progress)
-    timings["qat_runs"] = time.time() - t0 - timings["data"] - timings["fp_reference"]
+    n = workers or int(cfg["qat"]["workers"])
+    t1 = time.time()
+    records = run_jobs([j for j in jobs if j["method"] in METHODS], out / "runs", n, progress)
+    timings["qat_runs"] = time.time() - t1
+    t1 = time.time()
+    # the PTQ part on its own, so its wall time is its own (the floor: at most 45 minutes on 2 cores)
+    records += run_jobs([j for j in jobs if j["method"] not in METHODS], out / "runs", n, progress, tag="ptq runs")
+    timings["ptq_runs"] = time.time() - t1
     timings["total"] = time.time() - t0
     summary = summarize(cfg, records)
     meta = {"config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_file": cfg["_path"],
@@ -544,5 +585,5 @@ def run(args: argparse.Namespace) -> int:
     t = res["meta"]["timings_seconds"]
     print(f"[bench accuracy] wrote {out}/results.md, results.json, accuracy.png, paired.png, curves.png in "
           f"{t['total'] / 60:.1f} min (data {t['data']:.0f} s, FP {t['fp_reference']:.0f} s, "
-          f"QAT {t['qat_runs']:.0f} s)")
+          f"QAT {t['qat_runs']:.0f} s, PTQ {t.get('ptq_runs', 0):.0f} s)")
     return 0

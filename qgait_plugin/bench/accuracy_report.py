@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .methods import ABLATIONS, METHODS
+from .methods import ABLATIONS, ALL_METHODS, METHODS, PTQ_METHODS
 from .stats import mean_std, paired_interval
 
 CONDS = ("NM", "BG", "CL")
@@ -67,25 +67,55 @@ def summarize(cfg: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> D
     by: Dict[str, Dict[int, List[Mapping[str, Any]]]] = {}
     for r in records:
         by.setdefault(r["method"], {}).setdefault(int(r["bits"]), []).append(r)
-    fp_runs = by.get("fp_continued", {}).get(32, [])
-    bits_list = sorted({int(r["bits"]) for r in records if r["method"] != "fp_continued"}, reverse=True)
+    fp_runs = {m: by.get(m, {}).get(32, []) for m in ("fp_continued", "fp")}
+    bits_list = sorted({int(r["bits"]) for r in records if r["method"] not in fp_runs}, reverse=True)
     table: Dict[str, Dict[str, Any]] = {}
     for bits in bits_list:
         rows: Dict[str, Any] = {}
-        for method in METHODS:
-            runs = fp_runs if method == "fp_continued" else by.get(method, {}).get(bits, [])
+        for method in ALL_METHODS:
+            runs = fp_runs[method] if method in fp_runs else by.get(method, {}).get(bits, [])
             if not runs:
                 continue
             row: Dict[str, Any] = {m: mean_std([r["rank1"][m] for r in runs]) for m in METRICS}
             row["mAP"] = mean_std([r["mAP"] for r in runs])
             row["wall_seconds"] = mean_std([r["wall_seconds"] for r in runs])
+            row["train_seconds"] = mean_std([r["train_seconds"] for r in runs])  # PTQ: the calibration
             row["seeds"] = sorted(r["seed"] for r in runs)
             lsq = by.get("lsq", {}).get(bits, [])
             if method != "lsq" and lsq:
                 row["vs_lsq"] = _paired(runs, lsq)
+            ptq = by.get("ptq", {}).get(bits, [])
+            if method in PTQ_METHODS and method != "ptq" and ptq:
+                row["vs_ptq"] = _paired(runs, ptq)
             rows[method] = row
         table[f"W{bits}A{bits}"] = rows
-    return {"table": table, "floors": check_floors(table)}
+    return {"table": table, "floors": check_floors(table), "ptq_floors": check_ptq_floors(table)}
+
+
+#: the PTQ floors: W8A8 PTQ within this many points of the FP checkpoint's mean rank-1, in this many seconds
+PTQ_W8_POINTS = 1.0
+PTQ_W8_SECONDS = 60.0
+#: ... and any calibration objective at W4A4 in this many seconds
+PTQ_W4_OBJECTIVE_SECONDS = 300.0
+
+
+def check_ptq_floors(table: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The PTQ floors on the benchmark's own numbers: ``ptq`` at W8A8 within :data:`PTQ_W8_POINTS` of ``fp``,
+    calibrated in under :data:`PTQ_W8_SECONDS`; every objective at W4A4 calibrated in under
+    :data:`PTQ_W4_OBJECTIVE_SECONDS`. Times are the calibration's (statistics, BatchNorm, objective; the
+    checkpoint's ``train_seconds``), the test evaluation not included (the table's wall column has it)."""
+    out: Dict[str, Any] = {}
+    w8 = table.get("W8A8", {})
+    if "ptq" in w8 and "fp" in w8:
+        gap = w8["fp"]["mean"]["mean"] - w8["ptq"]["mean"]["mean"]
+        secs = w8["ptq"]["train_seconds"]["mean"]
+        out["W8A8_ptq"] = {"fp": w8["fp"]["mean"]["mean"], "ptq": w8["ptq"]["mean"]["mean"], "gap": gap,
+                           "calibrate_seconds": secs, "met": bool(gap <= PTQ_W8_POINTS and secs < PTQ_W8_SECONDS)}
+    w4 = table.get("W4A4", {})
+    slow = {m: r["train_seconds"]["mean"] for m, r in w4.items() if m in PTQ_METHODS and m != "ptq"}
+    if slow:
+        out["W4A4_objectives"] = {"calibrate_seconds": slow, "met": bool(max(slow.values()) < PTQ_W4_OBJECTIVE_SECONDS)}
+    return out
 
 
 def check_floors(table: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
@@ -121,6 +151,10 @@ def check_floors(table: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def _ci(vs: Optional[Mapping[str, float]]) -> str:
+    return f"{vs['mean']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]" if vs else "—"
+
+
 def _fmt(ms: Mapping[str, float]) -> str:
     return f"{ms['mean']:.1f} ± {ms['std']:.1f}"
 
@@ -129,15 +163,27 @@ def markdown(summary: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = Non
     """The tables as the README and the note show them."""
     lines: List[str] = []
     for key, rows in summary["table"].items():
-        lines += [f"### {key}", "",
-                  "| method | NM | BG | CL | mean | mAP | mean − lsq [95 % CI] | seeds | wall (s/run) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for method, r in rows.items():
-            vs = r.get("vs_lsq")
-            d = f"{vs['mean']:+.2f} [{vs['low']:+.2f}, {vs['high']:+.2f}]" if vs else "—"
-            lines.append(f"| {method} | {_fmt(r['NM'])} | {_fmt(r['BG'])} | {_fmt(r['CL'])} | {_fmt(r['mean'])} | "
-                         f"{_fmt(r['mAP'])} | {d} | {len(r['seeds'])} | {r['wall_seconds']['mean']:.0f} |")
-        lines.append("")
+        qat = {m: r for m, r in rows.items() if m in METHODS}
+        if qat:
+            lines += [f"### {key}", "",
+                      "| method | NM | BG | CL | mean | mAP | mean − lsq [95 % CI] | seeds | wall (s/run) |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for method, r in qat.items():
+                lines.append(f"| {method} | {_fmt(r['NM'])} | {_fmt(r['BG'])} | {_fmt(r['CL'])} | {_fmt(r['mean'])} | "
+                             f"{_fmt(r['mAP'])} | {_ci(r.get('vs_lsq'))} | {len(r['seeds'])} | "
+                             f"{r['wall_seconds']['mean']:.0f} |")
+            lines.append("")
+        ptq = {m: r for m, r in rows.items() if m == "fp" or m in PTQ_METHODS or (m == "lsq" and len(qat) < len(rows))}
+        if any(m in PTQ_METHODS for m in ptq):
+            lines += [f"### {key}: post-training quantization", "",
+                      "| method | NM | BG | CL | mean | mAP | mean − ptq [95 % CI] | mean − lsq [95 % CI] | seeds | "
+                      "calibrate (s/run) | wall (s/run) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for method, r in ptq.items():
+                lines.append(f"| {method} | {_fmt(r['NM'])} | {_fmt(r['BG'])} | {_fmt(r['CL'])} | {_fmt(r['mean'])} | "
+                             f"{_fmt(r['mAP'])} | {_ci(r.get('vs_ptq'))} | {_ci(r.get('vs_lsq'))} | "
+                             f"{len(r['seeds'])} | {r['train_seconds']['mean']:.1f} | "
+                             f"{r['wall_seconds']['mean']:.0f} |")
+            lines.append("")
     fl = summary.get("floors") or {}
     if fl:
         lines += ["### Targets", "", "| bits | fp_continued | lsq | gap | qgait − lsq [95 % CI] | share of gap closed "
@@ -152,10 +198,25 @@ def markdown(summary: Mapping[str, Any], meta: Optional[Mapping[str, Any]] = Non
             lines.append(f"| {key} | {f['fp_continued']:.1f} | {f['lsq']:.1f} | {f['lsq_gap']:.1f} | {d} | {closed} | "
                          f"{target} | {'yes' if f['met'] else 'no'} |")
         lines.append("")
+    pf = summary.get("ptq_floors") or {}
+    if pf:
+        lines += ["### PTQ floors", ""]
+        if "W8A8_ptq" in pf:
+            f = pf["W8A8_ptq"]
+            lines.append(f"- W8A8 ptq {f['ptq']:.1f} vs fp {f['fp']:.1f} (gap {f['gap']:+.1f}, target ≤ "
+                         f"{PTQ_W8_POINTS:g}), calibrated in {f['calibrate_seconds']:.0f} s (target < "
+                         f"{PTQ_W8_SECONDS:.0f} s): {'met' if f['met'] else 'not met'}")
+        if "W4A4_objectives" in pf:
+            f = pf["W4A4_objectives"]
+            secs = ", ".join(f"{m} {v:.0f} s" for m, v in f["calibrate_seconds"].items())
+            lines.append(f"- W4A4 calibration with an objective: {secs} (target < {PTQ_W4_OBJECTIVE_SECONDS:.0f} s): "
+                         f"{'met' if f['met'] else 'not met'}")
+        lines.append("")
     if meta:
         t = meta.get("timings_seconds", {})
         lines.append(f"Wall time: {t.get('total', 0) / 60:.1f} min in all (data {t.get('data', 0):.0f} s, FP reference "
-                     f"{t.get('fp_reference', 0):.0f} s, QAT runs {t.get('qat_runs', 0):.0f} s); "
+                     f"{t.get('fp_reference', 0):.0f} s, QAT runs {t.get('qat_runs', 0):.0f} s, PTQ runs "
+                     f"{t.get('ptq_runs', 0):.0f} s); "
                      f"{meta.get('machine', {}).get('cpu', '')}, {meta.get('date', '')}.")
     return "\n".join(lines)
 
@@ -204,7 +265,7 @@ def plot_accuracy(path: Path, summary: Mapping[str, Any]) -> None:
     """Mean rank-1 per bit width, one bar per method, error bars = std over seeds."""
     plt = _plt()
     keys = list(summary["table"])
-    methods = [m for m in METHODS if any(m in summary["table"][k] for k in keys)]
+    methods = [m for m in ALL_METHODS if any(m in summary["table"][k] for k in keys)]
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(keys)), 4))
     for i, m in enumerate(methods):
@@ -233,7 +294,7 @@ def plot_paired(path: Path, summary: Mapping[str, Any]) -> None:
     """Each method minus lsq with its 95 % interval, per bit width (0 = no better than LSQ)."""
     plt = _plt()
     keys = list(summary["table"])
-    methods = [m for m in ("fp_continued",) + ABLATIONS if any(m in summary["table"][k] for k in keys)]
+    methods = [m for m in ("fp_continued",) + ABLATIONS + PTQ_METHODS if any(m in summary["table"][k] for k in keys)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * max(1, len(keys)), 3.6), sharey=False, squeeze=False)
     for ax, k in zip(axes[0], keys):
         for i, m in enumerate(methods):
@@ -255,7 +316,7 @@ def plot_paired(path: Path, summary: Mapping[str, Any]) -> None:
 def plot_curves(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     """Training loss (moving average) and validation rank-1 over iterations, per bit width and method (seed mean)."""
     plt = _plt()
-    bits_list = sorted({int(r["bits"]) for r in records if r["method"] != "fp_continued"}, reverse=True)
+    bits_list = sorted({int(r["bits"]) for r in records if r["method"] not in ("fp_continued", "fp")}, reverse=True)
     if not bits_list:
         return
     fig, axes = plt.subplots(2, len(bits_list), figsize=(3.4 * len(bits_list), 6), squeeze=False)

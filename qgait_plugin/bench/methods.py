@@ -16,6 +16,14 @@ switch, which every method gets at the same iteration), so that only the method 
   closest published peer (Differentiable Soft Quantization); evaluated, like every method, with the
   hard quantizer the deployed model uses.
 
+Post-training quantization (PTQ) methods (``qgait calibrate``'s calibration, no training of the
+weights), all from the same FP checkpoint; the calibration draw is the run's seed:
+
+- ``fp``: the FP checkpoint itself, evaluated (the reference PTQ is measured against);
+- ``ptq``: steps from statistics only (the benchmark config's ``ptq:`` estimator and BatchNorm choice);
+- ``ptq_idc``, ``ptq_kd``, ``ptq_task``, ``ptq_recon``: then ``ptq.iters`` iterations training the
+  steps only on the IDC (IDD) loss, embedding MSE, the training loss or block reconstruction.
+
 QGait's own knobs (the phase split, ``alpha`` and its anneal, the IDD settings, the quantizer
 steps' learning rate) come from the benchmark config's ``qgait:`` section; ``alpha`` applies to
 every method that uses the soft quantizer, ``step_lr_scale`` to every quantized method.
@@ -30,6 +38,15 @@ from ..errors import ConfigError
 METHODS = ("fp_continued", "lsq", "lsq_kd", "soft_from_start", "two_phase", "qgait", "dsq")
 #: methods compared against ``lsq`` in the paired intervals (everything but the two references)
 ABLATIONS = ("lsq_kd", "soft_from_start", "two_phase", "qgait", "dsq")
+#: post-training methods (``ptq.methods`` of the benchmark config), each with its calibration objective
+PTQ_OBJECTIVES = {"ptq": "none", "ptq_idc": "idc", "ptq_kd": "kd", "ptq_task": "task", "ptq_recon": "recon"}
+PTQ_METHODS = tuple(PTQ_OBJECTIVES)
+#: what ``ptq.methods`` may list: the PTQ methods and ``fp`` (the FP checkpoint evaluated once)
+PTQ_LISTABLE = ("fp",) + PTQ_METHODS
+#: the ``ptq:`` section's keys besides ``methods`` (``quant.calibrate``'s, and ``idc``: IDD's weight and criterion)
+PTQ_KNOBS = ("samples", "batch", "frames", "estimator", "percentile", "bn", "iters", "lr", "train_bn", "idc")
+#: every method in table order
+ALL_METHODS = METHODS + PTQ_LISTABLE
 
 
 def switch_iteration(iters: int, qgait: Mapping[str, Any]) -> int:
@@ -65,4 +82,19 @@ def quant_section(method: str, bits: int, iters: int, qgait: Mapping[str, Any],
         q["idd"] = dict(copy.deepcopy(qgait["idd"]), enabled=True)
     if method == "lsq_kd":
         q["kd"] = dict(copy.deepcopy(dict(kd)), enabled=True)
+    return q
+
+
+def ptq_section(method: str, bits: int, ptq: Mapping[str, Any], seed: int) -> Dict[str, Any]:
+    """The ``quant:`` section of PTQ ``method`` at ``bits``: the ``ptq:`` knobs as ``quant.calibrate``,
+    the objective of the method and ``seed`` as the calibration draw; ``idc`` goes to ``quant.idd``
+    (weight and criterion only: IDD is not switched on for training)."""
+    if method not in PTQ_OBJECTIVES:
+        raise ConfigError(f"PTQ method {method!r} is not one of {list(PTQ_METHODS)}")
+    calib = {k: copy.deepcopy(ptq[k]) for k in PTQ_KNOBS if k in ptq and k != "idc"}
+    calib.update(objective=PTQ_OBJECTIVES[method], seed=int(seed))
+    q: Dict[str, Any] = {"weight": {"bits": bits}, "act": {"bits": bits}, "calibrate": calib}
+    idc = dict(ptq.get("idc") or {})
+    if idc:
+        q["idd"] = dict(idc, enabled=False)
     return q

@@ -31,7 +31,9 @@ from .accuracy_report import _paired
 from .stats import mean_std
 
 GRID_KEYS = ("bits", "seeds", "candidates", "iters", "base")
-CANDIDATE_KEYS = ("name", "methods", "qgait", "qat", "kd", "note")
+CANDIDATE_KEYS = ("name", "methods", "qgait", "qat", "kd", "ptq", "note")
+#: the benchmark config's sections a grid's base and its candidates may override
+SECTIONS = ("qgait", "qat", "kd", "ptq")
 
 
 def load_grid(path: Path) -> Dict[str, Any]:
@@ -52,8 +54,8 @@ def load_grid(path: Path) -> Dict[str, Any]:
             raise ConfigError(f"{path}: candidates[{i}].name: {c['name']!r} is used twice")
         names.add(c["name"])
     base = grid.get("base")
-    if base is not None and (not isinstance(base, dict) or set(base) - {"qgait", "qat", "kd"}):
-        raise ConfigError(f"{path}: base: expected a mapping of qgait/qat/kd sections, got {short_repr(base)}")
+    if base is not None and (not isinstance(base, dict) or set(base) - set(SECTIONS)):
+        raise ConfigError(f"{path}: base: expected a mapping of {'/'.join(SECTIONS)} sections, got {short_repr(base)}")
     if not names:
         raise ConfigError(f"{path}: candidates: give at least one")
     return grid
@@ -71,7 +73,7 @@ def run_tuning(cfg: Dict[str, Any], grid: Mapping[str, Any], out: Path, cache: P
     # the grid's own base (the defaults it was searched from), so that its runs stay what they were
     # after the winner becomes the benchmark config's default
     for sec, val in (grid.get("base") or {}).items():
-        base[sec] = merge_dicts(base[sec], val)
+        base[sec] = merge_dicts(base.get(sec) or {}, val)
     data = prepare_data(base, cache, progress)
     fp = train_fp_reference(base, data, cache, progress)
     bits = int(grid["bits"])
@@ -80,9 +82,9 @@ def run_tuning(cfg: Dict[str, Any], grid: Mapping[str, Any], out: Path, cache: P
     owners: List[str] = []
     for cand in grid["candidates"]:
         c_cfg = copy.deepcopy(base)
-        for sec in ("qgait", "qat", "kd"):
+        for sec in SECTIONS:
             if cand.get(sec):
-                c_cfg[sec] = merge_dicts(c_cfg[sec], cand[sec])
+                c_cfg[sec] = merge_dicts(c_cfg.get(sec) or {}, cand[sec])
         for job in plan_jobs(c_cfg, data, out, fp["checkpoint"], "VAL_SET", methods=cand.get("methods", ["qgait"]),
                              bits_list=[bits], seeds=seeds):
             job["name"] = f"{cand['name']}--{job['name']}"
@@ -102,7 +104,7 @@ def run_tuning(cfg: Dict[str, Any], grid: Mapping[str, Any], out: Path, cache: P
         lsq = own.get("lsq", baseline)
         for method, runs in own.items():
             row = {"candidate": cand["name"], "method": method, "note": cand.get("note", ""),
-                   "overrides": {k: cand[k] for k in ("qgait", "qat", "kd") if k in cand},
+                   "overrides": {k: cand[k] for k in SECTIONS if k in cand},
                    "val_mean": mean_std([r["rank1"]["mean"] for r in runs]),
                    "val": {c: mean_std([r["rank1"][c] for r in runs]) for c in ("NM", "BG", "CL")},
                    "val_mAP": mean_std([r["mAP"] for r in runs]),

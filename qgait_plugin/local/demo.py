@@ -1,9 +1,11 @@
 """``qgait demo``: the whole method on a fresh CPU machine, in minutes.
 
 Steps, each timed and printed: generate the data set (if missing) -> train FP -> evaluate FP ->
-for W8A8 and W4A4, fine-tune from the FP checkpoint with plain LSQ-STE and with QGait (STE phase,
-then soft rounding + IDD) on the same iteration budget -> evaluate each -> write ``results.md``,
-``results.json`` and plots into the output folder. The run is driven by ``configs/demo/*.yaml``
+calibrate a W8A8 model from the FP checkpoint without training (post-training quantization,
+``qgait calibrate``) -> for W8A8 and W3A3, fine-tune from the FP checkpoint with plain
+LSQ-STE and with QGait (STE phase, then soft rounding + IDD) on the same iteration budget ->
+evaluate each -> write ``results.md``, ``results.json`` and plots into the output folder. The run
+is driven by ``configs/demo/*.yaml``
 (real configs a user can pass to ``qgait train``); the demo overrides only paths, and sizes for
 ``--quick``.
 """
@@ -23,7 +25,9 @@ import numpy as np
 from ..errors import ConfigError, InputNotFound
 from .config import merge_dicts
 
-METHODS = ("fp", "w8a8_lsq", "w8a8_qgait", "w3a3_lsq", "w3a3_qgait")
+METHODS = ("fp", "w8a8_ptq", "w8a8_lsq", "w8a8_qgait", "w3a3_lsq", "w3a3_qgait")
+#: methods that calibrate the FP checkpoint (``qgait calibrate``) instead of training
+PTQ = ("w8a8_ptq",)
 
 #: generator settings of the default demo set (CASIA-B structure, fewer views and frames for CPU time)
 DATA_DEFAULT: Dict[str, Any] = dict(subjects=50, frames=20, views=(0, 36, 72, 108, 144, 180), height=64, width=56)
@@ -36,6 +40,8 @@ QUICK_FP: Dict[str, Any] = {
     "scheduler_cfg": {"milestones": []},
     "evaluator_cfg": {"sampler": {"frames_all_limit": 8}}}
 QUICK_QAT_ITERS = 6
+#: --quick calibration set: the quick data set has few training sequences
+QUICK_CALIBRATE: Dict[str, Any] = {"samples": 16, "batch": 8, "frames": 4}
 
 
 def demo_config_dir() -> Path:
@@ -185,7 +191,11 @@ def _run_demo(out: str, quick: bool, configs: Optional[str], progress: bool, thr
     fp_ckpt = None
     for name in METHODS:
         over = merge_dicts(paths, QUICK_FP) if quick else copy.deepcopy(paths)
-        if name != "fp":
+        if name in PTQ:
+            over = merge_dicts(over, {"quant": {"init_from": fp_ckpt}})
+            if quick:
+                over = merge_dicts(over, {"quant": {"calibrate": QUICK_CALIBRATE}})
+        elif name != "fp":
             over = merge_dicts(over, {"quant": {"init_from": fp_ckpt}})
             if quick:
                 half = QUICK_QAT_ITERS // 2
@@ -194,9 +204,17 @@ def _run_demo(out: str, quick: bool, configs: Optional[str], progress: bool, thr
                 over = merge_dicts(over, {"trainer_cfg": {"total_iter": QUICK_QAT_ITERS, "save_iter": QUICK_QAT_ITERS},
                                      "quant": {"schedule": sched}})
         cfg = load_config(str(cfg_dir / f"{name}.yaml"), overrides=over)
-        trainer = Trainer(cfg, progress=progress)
-        with _step(f"train {name}", timings):
-            tr = trainer.train()
+        if name in PTQ:
+            from .calibrate_cmd import calibrate_checkpoint
+
+            with _step(f"calibrate {name}", timings):
+                cal = calibrate_checkpoint(cfg, progress=progress, overwrite=overwrite)
+            trainer = cal["trainer"]
+            tr = {"train_seconds": cal["wall_seconds"], "iteration": 0, "history": [], "checkpoint": cal["checkpoint"]}
+        else:
+            trainer = Trainer(cfg, progress=progress)
+            with _step(f"train {name}", timings):
+                tr = trainer.train()
         if name == "fp":
             fp_ckpt = tr["checkpoint"]
         with _step(f"eval {name}", timings):

@@ -15,8 +15,9 @@ CONDS = ("NM", "BG", "CL")
 
 
 def markdown_table(results: Mapping[str, Mapping]) -> str:
-    """One row per method: rank-1 per condition and mean, mAP, bits, size, train time."""
-    head = ("| method | W/A bits | NM | BG | CL | mean | mAP | size (bytes) | train (s) |\n"
+    """One row per method: rank-1 per condition and mean, mAP, bits, size, train time (for a post-training
+    quantized model, ``*_ptq``, the wall time of its calibration)."""
+    head = ("| method | W/A bits | NM | BG | CL | mean | mAP | size (bytes) | train or calibrate (s) |\n"
             "|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for name, r in results.items():

@@ -1,5 +1,6 @@
-"""``qgait opengait train|test|export``: OpenGait's own training or test loop with the QGait plugin registered,
-or a QAT checkpoint out as an integer ONNX model.
+"""``qgait opengait train|test|export|calibrate``: OpenGait's own training or test loop with the QGait plugin
+registered, a QAT checkpoint out as an integer ONNX model, or an FP checkpoint calibrated into a quantized one
+(post-training quantization, :mod:`qgait_plugin.opengait.calibrate`).
 
 The config is an OpenGait config (with a ``quant:`` section for QAT). ``--device cuda`` runs as
 OpenGait does (NCCL, one process per GPU, e.g. under torchrun); ``--device cpu`` runs on gloo with
@@ -14,7 +15,7 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("phase", choices=["train", "test", "export"])
+    p.add_argument("phase", choices=["train", "test", "export", "calibrate"])
     p.add_argument("--root", default=None, help="OpenGait checkout (default: $OPENGAIT_ROOT)")
     p.add_argument("--cfgs", required=True, help="OpenGait config YAML (with a quant: section for QAT)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
@@ -27,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=None,
                    help="results JSON path (default output/<dataset>/<model>/<save_name>/qgait_results.json)")
     p.add_argument("--overwrite", action="store_true",
-                   help="train: a fresh run may replace the checkpoints of an earlier run under the same save_name")
+                   help="train: a fresh run may replace the checkpoints of an earlier run under the same save_name; "
+                        "calibrate: replace an earlier calibration's checkpoint")
     p.add_argument("--dump-quantizers", default=None, help=argparse.SUPPRESS)  # '{rank}' in the path: one file per rank
     p.add_argument("--no-plugin", action="store_true", help=argparse.SUPPRESS)  # plain OpenGait, for comparisons
     e = p.add_argument_group("export")
@@ -41,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.phase == "calibrate":
+        from .calibrate import run as calibrate
+
+        return calibrate(args)
     if args.phase == "export":
         from ..export.deploy import print_summary
         from .export import export_opengait

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import types
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -130,6 +130,24 @@ def check_sequences(cfgs: Dict[str, Any], count: int, frames: int = 30) -> List[
     return out
 
 
+def load_quant_config(cfg_path: str, root: Optional[str], why: str) -> Tuple[Any, Dict[str, Any]]:
+    """OpenGait imported from ``root`` with the plugin registered, and the merged config of ``cfg_path``,
+    which must have a ``quant:`` section (``why`` ends the error when it has none)."""
+    from .env import import_opengait
+    from .launcher import LaunchError, load_config
+    from .registry import register
+
+    og = import_opengait(root)
+    register(og)
+    path = Path(cfg_path).resolve()
+    if not path.is_file():
+        raise LaunchError(f"--cfgs: {cfg_path} does not exist (expected an OpenGait config YAML)")
+    cfgs = load_config(og, path)
+    if not cfgs.get("quant"):
+        raise ConfigError(f"{cfg_path}: has no quant: section; {why}")
+    return og, cfgs
+
+
 def export_opengait(cfg_path: str, out: str, root: Optional[str] = None, packed: str = "", force: bool = False,
                     runtime: str = "ort", threads: int = 1, runs: int = 10, iteration: int = 0,
                     workdir: Optional[str] = None, checks: int = 4) -> Dict[str, Any]:
@@ -138,9 +156,6 @@ def export_opengait(cfg_path: str, out: str, root: Optional[str] = None, packed:
     from ..export.outputs import check_output_paths
     from ..export.packed import save_packed
     from ..export.runtime import RUNTIMES
-    from .env import import_opengait
-    from .launcher import LaunchError, load_config
-    from .registry import register
 
     if runtime not in RUNTIMES:
         raise ConfigError(f"--runtime: {runtime!r} is not a runtime; choose one of {list(RUNTIMES)}")
@@ -148,14 +163,8 @@ def export_opengait(cfg_path: str, out: str, root: Optional[str] = None, packed:
         raise ConfigError("--runs must be >= 0 and --check >= 1")
     if not out:
         raise ConfigError("--out: export needs the ONNX file to write")
-    og = import_opengait(root)
-    register(og)
+    og, cfgs = load_quant_config(cfg_path, root, "export writes quantized models")
     path = Path(cfg_path).resolve()
-    if not path.is_file():
-        raise LaunchError(f"--cfgs: {cfg_path} does not exist (expected an OpenGait config YAML)")
-    cfgs = load_config(og, path)
-    if not cfgs.get("quant"):
-        raise ConfigError(f"{cfg_path}: has no quant: section; export writes quantized models")
     ckpt = checkpoint_path(cfgs, Path(workdir).resolve() if workdir else og.root, iteration)
     check_output_paths({"--out": out, "--packed": packed}, {"checkpoint": ckpt, "config": str(path)}, force)
     if not os.path.isfile(ckpt):
