@@ -17,7 +17,8 @@ The student stays in eval mode (BatchNorm's running statistics, the deployed net
 quantizer's step (learned as ``ln(s) / STEP_LOG_SCALE``) trains with Adam at ``lr / STEP_LOG_SCALE``,
 so a step moves by about ``lr`` of its own size per iteration, whatever its bit width (an 8-bit
 weight step of 1e-3 and a 3-bit activation step of 0.5 alike); the rate decays to 0 on a cosine
-over the iterations, so the last iterations settle instead of oscillating between grid points. Plain PyTorch: nothing here knows about a host.
+over the iterations, so the last iterations settle instead of oscillating between grid points.
+Plain PyTorch: nothing here knows about a host.
 """
 from __future__ import annotations
 
