@@ -15,6 +15,10 @@ this order by :func:`integer_graph`:
   becomes ``MatMul(x, DQ(W, 1)) * s`` (the per-part FC's per-(part, output) steps);
 * :func:`hoist_quantize`: a ``Q -> DQ`` behind reshapes/transposes moves up to the op that made the
   tensor (per-frame wrappers reshape between a conv's ReLU and the next layer's quantizer);
+* :func:`requantize_after_reuse`: a max pool, reduce-max, split, slice or ReLU of a dequantized tensor
+  gets the same ``Q -> DQ`` after it, so the runtime runs it on integers and its readers see a DQ;
+* :func:`exact_input_weights_u8`: the convs that read the graph input (binary silhouettes at 255)
+  get their weights as uint8 with zero point 128, so x86 CPUs without VNNI do not saturate;
 * :func:`integer_pattern_problems` lists every quantized Conv/MatMul/Add whose pattern is incomplete.
 """
 from __future__ import annotations
@@ -375,11 +379,85 @@ def _shapes_from_dq(model: Any) -> int:
     return changed
 
 
+#: ops that pick or move values: their output is on their input's grid (same scale and zero point)
+REUSE_OPS = ("MaxPool", "ReduceMax", "Split", "Slice", "Relu", "GlobalMaxPool")
+
+
+def requantize_after_reuse(model: Any) -> int:
+    """``DQ -> MaxPool -> reader`` becomes ``DQ -> MaxPool -> Q -> DQ -> reader`` (same scale, zero point).
+
+    The values are unchanged (a max or a slice of grid values is on the grid), and the runtime sees
+    the pattern it runs in int8 (DQ -> op -> Q with one scale) while the reader gets a DQ input.
+    Only outputs read by something other than a QuantizeLinear are changed.
+    """
+    from onnx import helper
+
+    gr = Graph(model)
+    done = 0
+    for n in list(model.graph.node):
+        if n.op_type not in REUSE_OPS or not n.input:
+            continue
+        dq = gr.source(n.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        for k, out in enumerate(list(n.output)):
+            cons = gr.consumers.get(out, [])
+            if not cons or all(c.op_type == "QuantizeLinear" for c in cons) or out in gr.outputs:
+                continue
+            raw = gr.unique(f"{out}_raw")
+            qn = gr.unique(f"{out}_requant")
+            n.output[k] = raw
+            at = list(model.graph.node).index(n) + 1
+            model.graph.node.insert(at, helper.make_node("QuantizeLinear", [raw, dq.input[1], dq.input[2]], [qn],
+                                                         name=qn))
+            model.graph.node.insert(at + 1, helper.make_node("DequantizeLinear", [qn, dq.input[1], dq.input[2]],
+                                                             [out], name=gr.unique(f"{out}_dq")))
+            done += 1
+        gr.refresh()
+    return done
+
+
+def exact_input_weights_u8(model: Any) -> int:
+    """Weights of the convs whose input is the quantized graph input as uint8 with zero point 128.
+
+    onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI add pairs of products in int16,
+    which saturates for inputs near 255 (binary silhouettes at scale 1/255 are 0 or 255) and large
+    weights; uint8 x uint8 kernels do not. The symmetric int8 grid maps into uint8 exactly.
+    """
+    gr = Graph(model)
+    inputs = {i.name for i in model.graph.input}
+    done = 0
+    for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+        src = gr.source(conv.input[0])
+        q = gr.producer.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None
+        while q is not None and q.op_type == "Clip":
+            q = gr.producer.get(q.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        read = q.input[0]
+        while (p := gr.producer.get(read)) is not None and p.op_type in SHAPE_OPS:
+            read = p.input[0]
+        if read not in inputs:
+            continue
+        dq = _weight_dq(gr, conv)
+        if dq is None or len(dq.input) < 3:
+            continue
+        ints, zp = gr.value(dq.input[0]), gr.value(dq.input[2])
+        assert ints is not None and zp is not None
+        dq.input[0] = gr.add_init(f"{dq.input[0]}_u8", (ints.astype(np.int16) + 128).astype(np.uint8))
+        dq.input[2] = gr.add_init(f"{dq.input[2]}_u8", (zp.astype(np.int16) + 128).astype(np.uint8))
+        gr.refresh()
+        done += 1
+    drop_unused_initializers(model)
+    return done
+
+
 def integer_graph(model: Any) -> Dict[str, int]:
     """Run every pass in order; returns how many places each changed."""
     res = {"constants": constants_to_initializers(model), "batchnorm_folded": fold_batchnorm(model),
            "int32_biases": int32_biases(model), "column_scales": move_column_scales(model),
-           "quantize_hoisted": hoist_quantize(model)}
+           "quantize_hoisted": hoist_quantize(model), "requantized_after_reuse": requantize_after_reuse(model),
+           "exact_input_weights_u8": exact_input_weights_u8(model)}
     drop_unused_initializers(model)
     return res
 

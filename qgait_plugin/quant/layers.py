@@ -93,7 +93,7 @@ class _QuantParamForward(QuantLayerMixin):
         if self._qgait_in_call:
             return super().forward(x, *args, **kwargs)
         w = self.weight_quant(getattr(self, self.qgait_param))
-        x = self.act_quant(x)
+        x = self.quantize_input(x)
         if torch.jit.is_tracing():  # functional_call refuses traced modules: swap the entry by hand
             original = self._parameters[self.qgait_param]
             self._parameters[self.qgait_param] = w
