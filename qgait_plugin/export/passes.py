@@ -17,8 +17,8 @@ this order by :func:`integer_graph`:
   tensor (per-frame wrappers reshape between a conv's ReLU and the next layer's quantizer);
 * :func:`requantize_after_reuse`: a max pool, reduce-max, split, slice or ReLU of a dequantized tensor
   gets the same ``Q -> DQ`` after it, so the runtime runs it on integers and its readers see a DQ;
-* :func:`exact_input_weights_u8`: the convs that read the graph input (binary silhouettes at 255)
-  get their weights as uint8 with zero point 128, so x86 CPUs without VNNI do not saturate;
+* :func:`uint8_weights`: the convs that read the graph input (binary silhouettes at 255), or every
+  conv, get their weights as uint8 with zero point 128, so x86 CPUs without VNNI do not saturate;
 * :func:`integer_pattern_problems` lists every quantized Conv/MatMul/Add whose pattern is incomplete.
 """
 from __future__ import annotations
@@ -417,17 +417,22 @@ def requantize_after_reuse(model: Any) -> int:
     return done
 
 
-def exact_input_weights_u8(model: Any) -> int:
-    """Weights of the convs whose input is the quantized graph input as uint8 with zero point 128.
+def uint8_weights(model: Any, every_conv: bool = False) -> int:
+    """Conv weights as uint8 with zero point 128: those of the convs that read the quantized graph
+    input, or (``every_conv``) of every quantized conv. Returns how many.
 
-    onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI add pairs of products in int16,
-    which saturates for inputs near 255 (binary silhouettes at scale 1/255 are 0 or 255) and large
-    weights; uint8 x uint8 kernels do not. The symmetric int8 grid maps into uint8 exactly.
+    onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) add pairs of products in
+    int16, which saturates for inputs near 255 (binary silhouettes at scale 1/255 are 0 or 255, and
+    so are many ReLU outputs) with large weights; the uint8 x uint8 kernels do not, at some cost in
+    speed. The symmetric int8 grid maps into uint8 exactly, so the values are the same.
     """
     gr = Graph(model)
     inputs = {i.name for i in model.graph.input}
     done = 0
     for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+        if every_conv:
+            done += _weights_to_u8(gr, conv)
+            continue
         src = gr.source(conv.input[0])
         q = gr.producer.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None
         while q is not None and q.op_type == "Clip":
@@ -437,27 +442,31 @@ def exact_input_weights_u8(model: Any) -> int:
         read = q.input[0]
         while (p := gr.producer.get(read)) is not None and p.op_type in SHAPE_OPS:
             read = p.input[0]
-        if read not in inputs:
-            continue
-        dq = _weight_dq(gr, conv)
-        if dq is None or len(dq.input) < 3:
-            continue
-        ints, zp = gr.value(dq.input[0]), gr.value(dq.input[2])
-        assert ints is not None and zp is not None
-        dq.input[0] = gr.add_init(f"{dq.input[0]}_u8", (ints.astype(np.int16) + 128).astype(np.uint8))
-        dq.input[2] = gr.add_init(f"{dq.input[2]}_u8", (zp.astype(np.int16) + 128).astype(np.uint8))
-        gr.refresh()
-        done += 1
+        if read in inputs:
+            done += _weights_to_u8(gr, conv)
     drop_unused_initializers(model)
     return done
 
 
-def integer_graph(model: Any) -> Dict[str, int]:
-    """Run every pass in order; returns how many places each changed."""
+def _weights_to_u8(gr: Graph, conv: Any) -> int:
+    dq = _weight_dq(gr, conv)
+    if dq is None or len(dq.input) < 3:
+        return 0
+    ints, zp = gr.value(dq.input[0]), gr.value(dq.input[2])
+    assert ints is not None and zp is not None
+    dq.input[0] = gr.add_init(f"{dq.input[0]}_u8", (ints.astype(np.int16) + 128).astype(np.uint8))
+    dq.input[2] = gr.add_init(f"{dq.input[2]}_u8", (zp.astype(np.int16) + 128).astype(np.uint8))
+    gr.refresh()
+    return 1
+
+
+def integer_graph(model: Any, uint8_conv_weights: bool = False) -> Dict[str, int]:
+    """Run every pass in order; returns how many places each changed. ``uint8_conv_weights``: every
+    conv's weights as uint8 (:func:`uint8_weights`; else only the convs reading the exact input)."""
     res = {"constants": constants_to_initializers(model), "batchnorm_folded": fold_batchnorm(model),
            "int32_biases": int32_biases(model), "column_scales": move_column_scales(model),
            "quantize_hoisted": hoist_quantize(model), "requantized_after_reuse": requantize_after_reuse(model),
-           "exact_input_weights_u8": exact_input_weights_u8(model)}
+           "uint8_weights": uint8_weights(model, uint8_conv_weights)}
     drop_unused_initializers(model)
     return res
 

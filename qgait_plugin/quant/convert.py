@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..spec import FP_BITS, QuantizerSpec, check_alpha, check_rounding
 from . import bias, placement
 from .blocks import dequantize_blocks, quantize_blocks
-from .handlers import LayerHandler, find_handler
+from .handlers import LayerHandler, ParamMatmulHandler, find_handler
 from .layers import QuantLayerMixin
 from .quantizer import LSQQuantizer
 
@@ -45,7 +45,7 @@ def _convert_one(m: nn.Module, h: LayerHandler, w_spec: QuantizerSpec, a_spec: Q
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | dict | None, example_inputs: Any = None,
-                   plan: Optional[Sequence[placement.Group]] = None,
+                   plan: Optional[placement.Plan] = None,
                    forward_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Convert ``model`` in place for quantization-aware training and return it.
 
@@ -85,12 +85,33 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None, example_
     spec = QuantizerSpec("act", cfg.residual.bits, signed=None, rounding=cfg.rounding,
                          alpha=cfg.schedule.soft.alpha, soft_forward=cfg.schedule.soft.soft_forward)
     if plan is not None:
+        _convert_weight_matmuls(model, cfg, plan.weight_matmuls)
         placement.install_placement(model, plan, spec)
     elif example_inputs is not None:
-        placement.place(model, example_inputs, spec, forward_kwargs)
+        tr = placement.trace_quiet(model, example_inputs, forward_kwargs)
+        found = tr.weight_matmuls(model)
+        if _convert_weight_matmuls(model, cfg, found):
+            tr = placement.trace_quiet(model, example_inputs, forward_kwargs)
+        placement.install_placement(model, placement.Plan(placement.plan(tr, model), found), spec)
     else:
         quantize_blocks(model, cfg)
     return model
+
+
+def _convert_weight_matmuls(model: nn.Module, cfg: QuantConfig, found: Sequence[Tuple[str, str]]) -> int:
+    """Convert the modules the trace found multiplying by their own raw parameter (nobody registered
+    them) like registered ``ParamMatmulHandler`` layers. Returns how many were converted."""
+    mods = dict(model.named_modules())
+    done = 0
+    for name, param in found:
+        m = mods.get(name)
+        if m is None or isinstance(m, QuantLayerMixin) or not isinstance(getattr(m, param, None), nn.Parameter):
+            continue
+        w_spec, a_spec = cfg.layer_specs(name, False, False)
+        if w_spec.enabled or a_spec.enabled:
+            _convert_one(m, ParamMatmulHandler(param=param), w_spec, a_spec, exact_input=False)
+            done += 1
+    return done
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -172,6 +172,24 @@ class Trace:
     const: Set[int] = field(default_factory=set)  # values made only from parameters and buffers
     frame_output: Dict[str, int] = field(default_factory=dict)  # frame key -> the value it returned
     model_outputs: Set[int] = field(default_factory=set)
+    param_names: Dict[int, str] = field(default_factory=dict)  # value -> parameter name in the model
+
+    def weight_matmuls(self, model: nn.Module) -> List[Tuple[str, str]]:
+        """``(module, parameter)`` of submodules that multiply an activation by their own raw
+        parameter (``x.matmul(self.fc_bin)``) but are no quantized layer yet: a per-part FC nobody
+        registered. The model itself is left out (its class is the user's entry point)."""
+        layers = {name for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+        found: List[Tuple[str, str]] = []
+        for n in self.nodes:
+            if n.rule != "matmul" or not n.module or n.module in layers:
+                continue
+            acts = [v for v in n.inputs if v not in self.const]
+            for v in n.inputs:
+                full = self.param_names.get(v, "")
+                mod, _, pname = full.rpartition(".")
+                if acts and mod == n.module and (n.module, pname) not in found:
+                    found.append((n.module, pname))
+        return found
 
 
 class _Recorder(TorchFunctionMode):
@@ -227,9 +245,14 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
             ids[id(t)] = counter[0]
         return ids[id(t)]
 
-    for p in list(model.parameters()) + list(model.buffers()):
+    for pname, p in model.named_parameters():
         keep.append(p)
         tr.const.add(value_of(p))
+        if p.dim() >= 2:
+            tr.param_names[value_of(p)] = pname
+    for b in model.buffers():
+        keep.append(b)
+        tr.const.add(value_of(b))
     names = _module_names(model)
     mods: List[str] = []
     handles = []
@@ -283,6 +306,22 @@ class Group:
     def from_dict(cls, d: Dict[str, Any]) -> Group:
         return cls([(str(a), int(b), str(c)) for a, b, c in d["op_sites"]], [str(s) for s in d["out_sites"]],
                    [str(s) for s in d["layers"]], [str(s) for s in d.get("reasons", [])])
+
+
+@dataclass
+class Plan:
+    """What a trace decided: the quantizer groups, and the ``(module, parameter)`` pairs converted
+    as weight matmuls because the trace saw them multiply by their own parameter."""
+
+    groups: List[Group]
+    weight_matmuls: List[Tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"groups": [g.to_dict() for g in self.groups], "weight_matmuls": [list(w) for w in self.weight_matmuls]}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> Plan:
+        return cls([Group.from_dict(g) for g in d["groups"]], [(str(a), str(b)) for a, b in d.get("weight_matmuls", [])])
 
 
 class _Planner:
@@ -462,9 +501,10 @@ class Placement(nn.Module):
     a model built from the checkpoint's plan (:func:`apply_plan`) needs no trace.
     """
 
-    def __init__(self, groups: Sequence[Group], specs: Sequence[Optional[QuantizerSpec]]) -> None:
+    def __init__(self, plan: Plan, specs: Sequence[Optional[QuantizerSpec]]) -> None:
         super().__init__()
-        self.groups = list(groups)
+        self.plan = plan
+        self.groups = list(plan.groups)
         self.quantizers = nn.ModuleList([LSQQuantizer.from_spec(s) for s in specs if s is not None])
         self.owned = [s is not None for s in specs]
         object.__setattr__(self, "_frames", _Frames())
@@ -553,10 +593,10 @@ class Placement(nn.Module):
         return None
 
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"groups": [g.to_dict() for g in self.groups], "owned": list(self.owned)}
+        return self.plan.to_dict()
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or state.get("groups") != [g.to_dict() for g in self.groups]:
+        if not isinstance(state, dict) or state.get("groups") != self.plan.to_dict()["groups"]:
             raise ConfigError("checkpoint: its quantizer placement (qgait_placement) differs from this model's; "
                               "build the model from the checkpoint's plan (placement.plan_from_state_dict)")
 
@@ -582,40 +622,37 @@ def remove(model: nn.Module) -> None:
     delattr(model, ATTR)
 
 
-def install_placement(model: nn.Module, groups: Sequence[Group], spec: QuantizerSpec) -> Placement:
-    """Give ``model`` the quantizers of ``groups`` (new ones built from ``spec``) and hook them in."""
-    specs = [None if grp.layers else spec for grp in groups]
+def install_placement(model: nn.Module, plan: Plan, spec: QuantizerSpec) -> Placement:
+    """Give ``model`` the quantizers of ``plan`` (new ones built from ``spec``) and hook them in."""
+    specs = [None if grp.layers else spec for grp in plan.groups]
     device = next(iter(model.parameters())).device
-    p = Placement(groups, specs).to(device)
+    p = Placement(plan, specs).to(device)
     model.add_module(ATTR, p)
     p.resolve(model)
     p.install(model)
     return p
 
 
-def place(model: nn.Module, example_inputs: Any, spec: QuantizerSpec,
-          forward_kwargs: Optional[Dict[str, Any]] = None) -> Placement:
-    """Trace ``model`` (layer-converted; its quantizers are off during the trace), plan and install."""
-    from .convert import iter_quantizers
-
-    qs = [(q, q.enabled) for _, q in iter_quantizers(model)]
+def trace_quiet(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None) -> Trace:
+    """:func:`trace` with every quantizer of ``model`` switched off for the run (and back on after)."""
+    qs = [(q, q.enabled) for q in model.modules() if isinstance(q, LSQQuantizer)]
     for q, _ in qs:
         q.enabled = False
     try:
-        tr = trace(model, example_inputs, forward_kwargs)
+        return trace(model, example_inputs, forward_kwargs)
     finally:
         for q, on in qs:
             q.enabled = on
-    return install_placement(model, plan(tr, model), spec)
 
 
-def plan_from_state_dict(state_dict: Dict[str, Any], prefix: str = "") -> Optional[List[Group]]:
-    """The placement plan a checkpoint's state dict records, or ``None`` when it has none."""
+def plan_from_state_dict(state_dict: Dict[str, Any], prefix: str = "") -> Optional[Plan]:
+    """The placement plan a checkpoint's state dict records (for ``quantize_model(..., plan=)``),
+    or ``None`` when it has none (a checkpoint of block-registry placement or of layers only)."""
     state = state_dict.get(f"{prefix}{ATTR}._extra_state")
     if state is None:
         return None
     try:
-        return [Group.from_dict(g) for g in state["groups"]]
+        return Plan.from_dict(state)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"checkpoint: {ATTR}._extra_state is malformed ({type(e).__name__}: {e})") from None
 
