@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic import write_atomic
-from .passes import integer_graph, integer_pattern_problems, op_counts
+from .passes import compact_names, integer_graph, integer_pattern_problems, op_counts
 from .qdq import export_mode
 
 
@@ -51,7 +51,8 @@ def _axes(input_names: Sequence[str], output_names: Sequence[str], dynamic_batch
 
 def _integer_weights(m: Any) -> int:
     onnx = _onnx()
-    return sum(1 for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2)
+    small = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(1 for i in m.graph.initializer if i.data_type in small and len(i.dims) >= 2)
 
 
 CONV_WEIGHTS = ("auto", "int8", "uint8")
@@ -92,10 +93,12 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: 
         _trace(model, tuple(example_inputs), raw, opset, input_names, output_names, dyn)
         m = onnx.load(raw)
     passes = integer_graph(m, uint8_conv_weights=_uint8_weights(conv_weights))
+    problems = integer_pattern_problems(m)  # while the nodes still carry the module paths as names
+    compact_names(m)
     onnx.checker.check_model(m)
     write_atomic(path, lambda tmp: onnx.save(m, tmp))
     return {"path": path, "bytes": os.path.getsize(path), "integer_weights": _integer_weights(m),
-            "ops": op_counts(m.graph.node), "passes": passes, "problems": integer_pattern_problems(m)}
+            "ops": op_counts(m.graph.node), "passes": passes, "problems": problems}
 
 
 def export_float_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str, opset: int = 17,

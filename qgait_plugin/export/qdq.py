@@ -150,7 +150,7 @@ def export_mode(model: nn.Module, exact_input: bool = True) -> Iterator[nn.Modul
                 m.act_quant.__class__ = ExactInputQDQ
     for m in model.modules():
         if type(m) is Placement:
-            swapped[m] = Placement  # type: ignore[index]
+            swapped[m] = Placement
             m.__class__ = TracedPlacement
     was_training = model.training
     model.eval()
@@ -158,7 +158,7 @@ def export_mode(model: nn.Module, exact_input: bool = True) -> Iterator[nn.Modul
         with bias.disabled():  # the graph passes round the folded biases themselves
             yield model
     finally:
-        for q, cls in swapped.items():
-            q.__class__ = cls
+        for mod, cls in swapped.items():
+            mod.__class__ = cls
         _WEIGHTS.clear()
         model.train(was_training)

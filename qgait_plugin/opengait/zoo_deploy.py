@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
@@ -69,9 +70,12 @@ def measure(og: Any, name: str, bits: int, runs: int, frames: int, tmp: str) -> 
         got = torch.from_numpy(run.run(x.numpy())[0])
         cos = float(torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min())
         xs = x.numpy()
-        times = time_interleaved({"int8": lambda: run.run(xs), "fp32": lambda: fp_run.run(xs)}, runs, 2)
+        fns: Dict[str, Callable[[], Any]] = {"int8": functools.partial(run.run, xs),
+                                              "fp32": functools.partial(fp_run.run, xs)}
+        times = time_interleaved(fns, runs, 2)
         lat = {k: latency_stats(v)["median_ms"] for k, v in times.items()}
-        res[placement] = {"bytes": info["bytes"], "uint8_weights": info["passes"]["uint8_weights"], "problems": len(info["problems"]),
+        res[placement] = {"bytes": info["bytes"], "uint8_weights": info["passes"]["uint8_weights"],
+                          "problems": len(info["problems"]),
                           "ops": summarize_ops(optimized_graph_ops(path)), "cosine": cos,
                           "int8_ms": lat["int8"], "fp32_ms": lat["fp32"], "speedup": lat["fp32"] / lat["int8"]}
         print(json.dumps({name: {placement: res[placement]}}), flush=True)

@@ -92,7 +92,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None, example_
         found = tr.weight_matmuls(model)
         if _convert_weight_matmuls(model, cfg, found):
             tr = placement.trace_quiet(model, example_inputs, forward_kwargs)
-        placement.install_placement(model, placement.Plan(placement.plan(tr, model), found), spec)
+        placement.install_placement(model, placement.make_plan(tr, model, found), spec)
     else:
         quantize_blocks(model, cfg)
     return model

@@ -72,6 +72,8 @@ for _names, _rule in (
         RULES[_n] = _rule
 #: what every other op is
 FLOAT = "float"
+#: dtype conversions: their output is the same value for the plan (a site goes to what made it)
+CONVERSIONS = ("double", "float", "to", "half", "bfloat16", "type_as", "type")
 
 #: the name of the placement submodule a model gets
 ATTR = "qgait_placement"
@@ -173,6 +175,7 @@ class Trace:
     frame_output: Dict[str, int] = field(default_factory=dict)  # frame key -> the value it returned
     model_outputs: Set[int] = field(default_factory=set)
     param_names: Dict[int, str] = field(default_factory=dict)  # value -> parameter name in the model
+    frame_ops: Dict[str, int] = field(default_factory=dict)  # frame key -> ops counted in it
 
     def weight_matmuls(self, model: nn.Module) -> List[Tuple[str, str]]:
         """``(module, parameter)`` of submodules that multiply an activation by their own raw
@@ -210,6 +213,11 @@ class _Recorder(TorchFunctionMode):
         if where is None:
             return out
         tr = self.trace
+        name = _func_name(func)
+        if name in CONVERSIONS and len(outs) == 1 and ins:
+            self.keep.append(outs[0])
+            self.value_of(outs[0], alias=ins[0])  # type: ignore[call-arg]
+            return out
         n = len(tr.nodes)
         values = []
         for t in outs:
@@ -217,7 +225,6 @@ class _Recorder(TorchFunctionMode):
             v = self.value_of(t, fresh=True)  # type: ignore[call-arg]
             values.append(v)
             tr.producer[v] = n
-        name = _func_name(func)
         for v in ins:
             tr.consumers.setdefault(v, []).append(n)
         if ins and all(v in tr.const for v in ins):
@@ -239,8 +246,10 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
     keep: List[torch.Tensor] = []
     counter = [0]
 
-    def value_of(t: torch.Tensor, fresh: bool = False) -> int:
-        if fresh or id(t) not in ids:
+    def value_of(t: torch.Tensor, fresh: bool = False, alias: Optional[int] = None) -> int:
+        if alias is not None:
+            ids[id(t)] = alias
+        elif fresh or id(t) not in ids:
             counter[0] += 1
             ids[id(t)] = counter[0]
         return ids[id(t)]
@@ -262,7 +271,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
         mods.append(names[id(m)])
 
     def post(m: nn.Module, inp: Any, out: Any) -> None:
-        key = frames.stack.pop()[0]
+        key, count = frames.stack.pop()
+        tr.frame_ops[key] = count
         mods.pop()
         if isinstance(out, torch.Tensor) and id(out) in ids:
             tr.frame_output[key] = ids[id(out)]
@@ -275,7 +285,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
     model.eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
-        with _Recorder(frames, tr, value_of, keep, lambda: mods[-1] if mods else ""):  # type: ignore[arg-type]
+        with _Recorder(frames, tr, value_of, keep, lambda: mods[-1] if mods else ""):
             out = model(*args, **(forward_kwargs or {}))
     finally:
         for h in handles:
@@ -315,13 +325,26 @@ class Plan:
 
     groups: List[Group]
     weight_matmuls: List[Tuple[str, str]] = field(default_factory=list)
+    #: ops the trace counted in each frame that holds an op site: a different count at run time
+    #: means the dataflow changed there (a branch or a loop), and is warned about
+    frame_ops: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"groups": [g.to_dict() for g in self.groups], "weight_matmuls": [list(w) for w in self.weight_matmuls]}
+        return {"groups": [g.to_dict() for g in self.groups], "weight_matmuls": [list(w) for w in self.weight_matmuls],
+                "frame_ops": dict(self.frame_ops)}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> Plan:
-        return cls([Group.from_dict(g) for g in d["groups"]], [(str(a), str(b)) for a, b in d.get("weight_matmuls", [])])
+        return cls([Group.from_dict(g) for g in d["groups"]],
+                   [(str(a), str(b)) for a, b in d.get("weight_matmuls", [])],
+                   {str(k): int(v) for k, v in d.get("frame_ops", {}).items()})
+
+
+def make_plan(tr: Trace, model: nn.Module, weight_matmuls: Sequence[Tuple[str, str]] = ()) -> Plan:
+    """:func:`plan`'s groups with what else a :class:`Plan` records from the trace."""
+    groups = plan(tr, model)
+    frames = {f for g in groups for f, _, _ in g.op_sites}
+    return Plan(groups, list(weight_matmuls), {f: tr.frame_ops[f] for f in sorted(frames) if f in tr.frame_ops})
 
 
 class _Planner:
@@ -411,10 +434,10 @@ class _Planner:
                     self.site(self.absorb(n.outputs[0], ("relu",)), None, f"{n.func} output")
             elif n.rule == "cat" and acts:
                 if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
-                    g: Optional[int] = None
+                    shared: Optional[int] = None
                     for v in acts:
-                        g = self.site(v, g, f"{n.func} input")
-                    self.site(n.outputs[0], g, f"{n.func} output")
+                        shared = self.site(v, shared, f"{n.func} input")
+                    self.site(n.outputs[0], shared, f"{n.func} output")
             elif n.rule in ("reuse", "relu") and acts:
                 g = self.group(acts[0])
                 for o in n.outputs:
@@ -452,7 +475,7 @@ class _Planner:
 def plan(tr: Trace, model: nn.Module) -> List[Group]:
     """The quantizer groups :data:`RULES` give for ``tr`` (a trace of ``model``)."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
-    p = _Planner(tr, layers)  # type: ignore[arg-type]
+    p = _Planner(tr, layers)
     p.run()
     return p.groups()
 
@@ -530,8 +553,9 @@ class Placement(nn.Module):
         share it with the group's other layers; index the sites."""
         mods = dict(model.named_modules())
         own = iter(self.quantizers)
-        qs: List[LSQQuantizer] = []
+        qs: List[Any] = []
         for grp, owned in zip(self.groups, self.owned):
+            q: Any
             if owned:
                 q = next(own)
             else:
@@ -579,7 +603,10 @@ class Placement(nn.Module):
                out: Any) -> Any:
         if not self._frames.stack:
             return None
-        key = self._frames.stack.pop()[0]
+        key, count = self._frames.stack.pop()
+        expected = self.plan.frame_ops.get(key)
+        if expected is not None and count != expected:
+            self._warn(key, f"{count} ops ran where the trace saw {expected}")
         q = out_sites.get(key)
         if root and self._mode is not None:
             mode = self._mode
