@@ -418,8 +418,8 @@ def requantize_after_reuse(model: Any) -> int:
 
 
 def uint8_weights(model: Any, every_conv: bool = False) -> int:
-    """Conv weights as uint8 with zero point 128: those of the convs that read the quantized graph
-    input, or (``every_conv``) of every quantized conv. Returns how many.
+    """Weights as uint8 with zero point 128: those of the convs that read the quantized graph
+    input, or (``every_conv``) of every quantized conv and weight matmul. Returns how many.
 
     onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) add pairs of products in
     int16, which saturates for inputs near 255 (binary silhouettes at scale 1/255 are 0 or 255, and
@@ -429,9 +429,11 @@ def uint8_weights(model: Any, every_conv: bool = False) -> int:
     gr = Graph(model)
     inputs = {i.name for i in model.graph.input}
     done = 0
-    for conv in [n for n in model.graph.node if n.op_type == "Conv"]:
+    for conv in [n for n in model.graph.node if n.op_type in ("Conv", "MatMul")]:
         if every_conv:
             done += _weights_to_u8(gr, conv)
+            continue
+        if conv.op_type != "Conv":
             continue
         src = gr.source(conv.input[0])
         q = gr.producer.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None
@@ -450,7 +452,7 @@ def uint8_weights(model: Any, every_conv: bool = False) -> int:
 
 def _weights_to_u8(gr: Graph, conv: Any) -> int:
     dq = _weight_dq(gr, conv)
-    if dq is None or len(dq.input) < 3:
+    if dq is None or len(dq.input) < 3 or gr.value(dq.input[0]) is None or gr.value(dq.input[0]).ndim < 2:
         return 0
     ints, zp = gr.value(dq.input[0]), gr.value(dq.input[2])
     assert ints is not None and zp is not None
@@ -519,9 +521,14 @@ def compact_names(model: Any) -> int:
 
     The exporter names every tensor after the module path that made it; in a quantized graph,
     whose weights are a quarter of the float ones, those names are a few percent of the file.
-    Graph inputs and outputs keep their names. Returns how many names changed.
+    Graph inputs and outputs keep their names. A graph with subgraphs (If, Loop), which may read
+    outer names, is left as it is. Returns how many names changed.
     """
+    from onnx import AttributeProto
+
     g = model.graph
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0
     keep = {i.name for i in g.input} | {o.name for o in g.output} | {""}
     names: Dict[str, str] = {}
 
