@@ -452,10 +452,11 @@ def uint8_weights(model: Any, every_conv: bool = False) -> int:
 
 def _weights_to_u8(gr: Graph, conv: Any) -> int:
     dq = _weight_dq(gr, conv)
-    if dq is None or len(dq.input) < 3 or gr.value(dq.input[0]) is None or gr.value(dq.input[0]).ndim < 2:
+    if dq is None or len(dq.input) < 3:
         return 0
     ints, zp = gr.value(dq.input[0]), gr.value(dq.input[2])
-    assert ints is not None and zp is not None
+    if ints is None or zp is None or ints.ndim < 2:
+        return 0
     dq.input[0] = gr.add_init(f"{dq.input[0]}_u8", (ints.astype(np.int16) + 128).astype(np.uint8))
     dq.input[2] = gr.add_init(f"{dq.input[2]}_u8", (zp.astype(np.int16) + 128).astype(np.uint8))
     gr.refresh()
