@@ -232,3 +232,32 @@ def test_without_example_inputs_the_model_is_converted_as_before():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quantize_model(UserGaitNet(), {"residual": {"enabled": False}}, example_inputs=(_frames(1, 0),))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_demo_model_runtime_computes_what_pytorch_evaluates(tmp_path, bits):
+    pytest.importorskip("onnxruntime")
+    from qgait_plugin.export.deploy import IO_NAMES
+    from qgait_plugin.export.onnx_export import export_onnx
+    from qgait_plugin.export.runtime import cpu_session, run_session
+    from qgait_plugin.local.export_cmd import EmbeddingHead
+    from qgait_plugin.local.model import GaitBaseLite
+
+    torch.manual_seed(0)
+    fp = GaitBaseLite((8, 16, 32), (1, 1, 1), (1, 2, 1), (16,), 16, 8)
+    with torch.no_grad():
+        for s in range(3):
+            fp.train()(_frames(4, 30 + s))
+    q = quantize_model(copy.deepcopy(fp), {"weight": {"bits": bits}, "act": {"bits": bits}},
+                       example_inputs=(_frames(1, 3),))
+    assert hasattr(q, placement.ATTR)
+    with torch.no_grad():
+        q.train()(_frames(4, 40))
+    head = EmbeddingHead(q).eval()
+    x = _frames(5, 1)
+    with torch.no_grad():
+        ref = head(x)
+    info = export_onnx(head, (x[:1],), str(tmp_path / "m.onnx"), **IO_NAMES)
+    got = torch.from_numpy(run_session(cpu_session(info["path"], 1), x.numpy())[0])
+    assert info["problems"] == []
+    assert F.cosine_similarity(got.flatten(1).double(), ref.flatten(1).double()).min() >= 0.9999
