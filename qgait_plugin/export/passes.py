@@ -402,7 +402,7 @@ def requantize_after_reuse(model: Any) -> int:
             continue
         for k, out in enumerate(list(n.output)):
             cons = gr.consumers.get(out, [])
-            if not cons or all(c.op_type == "QuantizeLinear" for c in cons) or out in gr.outputs:
+            if out in gr.outputs or not any(_reads_dq(gr, c, out) for c in cons):
                 continue
             raw = gr.unique(f"{out}_raw")
             qn = gr.unique(f"{out}_requant")
@@ -415,6 +415,19 @@ def requantize_after_reuse(model: Any) -> int:
             done += 1
         gr.refresh()
     return done
+
+
+def _reads_dq(gr: Graph, node: Any, name: str) -> bool:
+    """``node`` runs in integer kernels when ``name`` comes from a DQ: a conv or matmul, a concat, an
+    add/mul whose other inputs are dequantized already (a float add stays as it is), or a shape or
+    reuse op on the way to one of those."""
+    if node.op_type in ("Conv", "MatMul", "Gemm", "Concat"):
+        return True
+    if node.op_type in ("Add", "Mul"):
+        return all(_from_dq(gr, i) for i in node.input if i != name)
+    if node.op_type in SHAPE_OPS or node.op_type in REUSE_OPS:  # a later reuse op or reader may need it
+        return any(_reads_dq(gr, c, o) for o in node.output for c in gr.consumers.get(o, []))
+    return False
 
 
 def uint8_weights(model: Any, every_conv: bool = False) -> int:

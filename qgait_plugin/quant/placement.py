@@ -72,6 +72,10 @@ for _names, _rule in (
         RULES[_n] = _rule
 #: what every other op is
 FLOAT = "float"
+#: reuse ops that an ONNX export may turn into control flow or gathers (``squeeze`` on a dynamic
+#: shape becomes an ``If``) through which a runtime does not follow a DequantizeLinear: a quantized
+#: layer reading their output gets its quantizer applied again there (same values, same quantizer)
+REQUANTIZE_BEFORE_LAYER = ("squeeze", "unsqueeze", "select", "__getitem__", "split", "chunk", "unbind", "narrow")
 #: dtype conversions: their output is the same value for the plan (a site goes to what made it)
 CONVERSIONS = ("double", "float", "to", "half", "bfloat16", "type_as", "type")
 
@@ -425,6 +429,10 @@ class _Planner:
                     g = self.site(acts[0], None, f"input of {n.module}")
                     if g is not None:
                         self.covered[n.module] = g
+                        made = tr.producer.get(acts[0])
+                        if acts[0] not in self.sited and made is not None and \
+                                tr.nodes[made].func in REQUANTIZE_BEFORE_LAYER:
+                            self.sited[acts[0]] = g
                 if n.rule == "conv" and layer.weight_quant.enabled:
                     self.site(self.absorb(n.outputs[0], ("bn", "relu")), None, f"output of {n.module}")
             elif n.rule == "add" and len(acts) == 2 and len(n.outputs) == 1:
