@@ -19,7 +19,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..compat import onnx_export_kwargs
-from .passes import integer_graph, integer_pattern_problems, op_counts
+from .passes import compact_names, integer_graph, integer_pattern_problems, op_counts
 from .qdq import export_mode
 
 
@@ -52,14 +52,34 @@ def _axes(input_names: Sequence[str], output_names: Sequence[str], dynamic_batch
 
 def _integer_weights(m: Any) -> int:
     onnx = _onnx()
-    return sum(1 for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2)
+    small = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(1 for i in m.graph.initializer if i.data_type in small and len(i.dims) >= 2)
+
+
+CONV_WEIGHTS = ("auto", "int8", "uint8")
+
+
+def _uint8_weights(choice: str) -> bool:
+    from .runtime import cpu_info
+
+    if choice not in CONV_WEIGHTS:
+        raise ValueError(f"conv_weights: {choice!r}; choose one of {list(CONV_WEIGHTS)}")
+    if choice == "auto":
+        flags = cpu_info()["flags"]
+        return not (flags.get("AVX-512 VNNI") or flags.get("AVX-VNNI") or flags.get("AMX-INT8"))
+    return choice == "uint8"
 
 
 def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str, opset: int = 17,
                 input_names: Sequence[str] = ("input",), output_names: Sequence[str] = ("output",),
                 dynamic_batch: bool = True, dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None,
-                exact_input: bool = True) -> Dict[str, Any]:
+                exact_input: bool = True, conv_weights: str = "auto") -> Dict[str, Any]:
     """Export ``model`` (converted, initialised) as an integer QDQ graph to ``path``, atomically.
+
+    ``conv_weights``: ``"int8"`` (fastest where the CPU has VNNI), ``"uint8"`` (zero point 128:
+    exact on x86 CPUs without VNNI, whose uint8 x int8 kernels saturate, at some speed), or
+    ``"auto"``: uint8 when the exporting CPU has neither AVX-512 VNNI nor AVX-VNNI. The convs that
+    read the exact input always get uint8 weights.
 
     ``dynamic_axes`` (torch's format) replaces the default of a dynamic batch dimension.
     ``exact_input``: the first layer's unquantized input is written as ``Q(1/255)`` (exact for
@@ -73,11 +93,13 @@ def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: 
         raw = os.path.join(tmp, "raw.onnx")
         _trace(model, tuple(example_inputs), raw, opset, input_names, output_names, dyn)
         m = onnx.load(raw)
-    passes = integer_graph(m)
+    passes = integer_graph(m, uint8_conv_weights=_uint8_weights(conv_weights))
+    problems = integer_pattern_problems(m)  # while the nodes still carry the module paths as names
+    compact_names(m)
     onnx.checker.check_model(m)
     write_atomic(path, lambda tmp: onnx.save(m, tmp))
     return {"path": path, "bytes": os.path.getsize(path), "integer_weights": _integer_weights(m),
-            "ops": op_counts(m.graph.node), "passes": passes, "problems": integer_pattern_problems(m)}
+            "ops": op_counts(m.graph.node), "passes": passes, "problems": problems}
 
 
 def export_float_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor], path: str, opset: int = 17,

@@ -15,6 +15,10 @@ this order by :func:`integer_graph`:
   becomes ``MatMul(x, DQ(W, 1)) * s`` (the per-part FC's per-(part, output) steps);
 * :func:`hoist_quantize`: a ``Q -> DQ`` behind reshapes/transposes moves up to the op that made the
   tensor (per-frame wrappers reshape between a conv's ReLU and the next layer's quantizer);
+* :func:`requantize_after_reuse`: a max pool, reduce-max, split, slice or ReLU of a dequantized tensor
+  gets the same ``Q -> DQ`` after it, so the runtime runs it on integers and its readers see a DQ;
+* :func:`uint8_weights`: the convs that read the graph input (binary silhouettes at 255), or every
+  conv, get their weights as uint8 with zero point 128, so x86 CPUs without VNNI do not saturate;
 * :func:`integer_pattern_problems` lists every quantized Conv/MatMul/Add whose pattern is incomplete.
 """
 from __future__ import annotations
@@ -375,11 +379,110 @@ def _shapes_from_dq(model: Any) -> int:
     return changed
 
 
-def integer_graph(model: Any) -> Dict[str, int]:
-    """Run every pass in order; returns how many places each changed."""
+#: ops that pick or move values: their output is on their input's grid (same scale and zero point)
+REUSE_OPS = ("MaxPool", "ReduceMax", "Split", "Slice", "Relu", "GlobalMaxPool")
+
+
+def requantize_after_reuse(model: Any) -> int:
+    """``DQ -> MaxPool -> reader`` becomes ``DQ -> MaxPool -> Q -> DQ -> reader`` (same scale, zero point).
+
+    The values are unchanged (a max or a slice of grid values is on the grid), and the runtime sees
+    the pattern it runs in int8 (DQ -> op -> Q with one scale) while the reader gets a DQ input.
+    Only outputs read by something other than a QuantizeLinear are changed.
+    """
+    from onnx import helper
+
+    gr = Graph(model)
+    done = 0
+    for n in list(model.graph.node):
+        if n.op_type not in REUSE_OPS or not n.input:
+            continue
+        dq = gr.source(n.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        for k, out in enumerate(list(n.output)):
+            cons = gr.consumers.get(out, [])
+            if out in gr.outputs or not any(_reads_dq(gr, c, out) for c in cons):
+                continue
+            raw = gr.unique(f"{out}_raw")
+            qn = gr.unique(f"{out}_requant")
+            n.output[k] = raw
+            at = list(model.graph.node).index(n) + 1
+            model.graph.node.insert(at, helper.make_node("QuantizeLinear", [raw, dq.input[1], dq.input[2]], [qn],
+                                                         name=qn))
+            model.graph.node.insert(at + 1, helper.make_node("DequantizeLinear", [qn, dq.input[1], dq.input[2]],
+                                                             [out], name=gr.unique(f"{out}_dq")))
+            done += 1
+        gr.refresh()
+    return done
+
+
+def _reads_dq(gr: Graph, node: Any, name: str) -> bool:
+    """``node`` runs in integer kernels when ``name`` comes from a DQ: a conv or matmul, a concat, an
+    add/mul whose other inputs are dequantized already (a float add stays as it is), or a shape or
+    reuse op on the way to one of those."""
+    if node.op_type in ("Conv", "MatMul", "Gemm", "Concat"):
+        return True
+    if node.op_type in ("Add", "Mul"):
+        return all(_from_dq(gr, i) for i in node.input if i != name)
+    if node.op_type in SHAPE_OPS or node.op_type in REUSE_OPS:  # a later reuse op or reader may need it
+        return any(_reads_dq(gr, c, o) for o in node.output for c in gr.consumers.get(o, []))
+    return False
+
+
+def uint8_weights(model: Any, every_conv: bool = False) -> int:
+    """Weights as uint8 with zero point 128: those of the convs that read the quantized graph
+    input, or (``every_conv``) of every quantized conv and weight matmul. Returns how many.
+
+    onnxruntime's uint8 x int8 kernels on x86 CPUs without VNNI (AVX2) add pairs of products in
+    int16, which saturates for inputs near 255 (binary silhouettes at scale 1/255 are 0 or 255, and
+    so are many ReLU outputs) with large weights; the uint8 x uint8 kernels do not, at some cost in
+    speed. The symmetric int8 grid maps into uint8 exactly, so the values are the same.
+    """
+    gr = Graph(model)
+    inputs = {i.name for i in model.graph.input}
+    done = 0
+    for conv in [n for n in model.graph.node if n.op_type in ("Conv", "MatMul")]:
+        if every_conv:
+            done += _weights_to_u8(gr, conv)
+            continue
+        if conv.op_type != "Conv":
+            continue
+        src = gr.source(conv.input[0])
+        q = gr.producer.get(src.input[0]) if src is not None and src.op_type == "DequantizeLinear" else None
+        while q is not None and q.op_type == "Clip":
+            q = gr.producer.get(q.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        read = q.input[0]
+        while (p := gr.producer.get(read)) is not None and p.op_type in SHAPE_OPS:
+            read = p.input[0]
+        if read in inputs:
+            done += _weights_to_u8(gr, conv)
+    drop_unused_initializers(model)
+    return done
+
+
+def _weights_to_u8(gr: Graph, conv: Any) -> int:
+    dq = _weight_dq(gr, conv)
+    if dq is None or len(dq.input) < 3:
+        return 0
+    ints, zp = gr.value(dq.input[0]), gr.value(dq.input[2])
+    if ints is None or zp is None or ints.ndim < 2:
+        return 0
+    dq.input[0] = gr.add_init(f"{dq.input[0]}_u8", (ints.astype(np.int16) + 128).astype(np.uint8))
+    dq.input[2] = gr.add_init(f"{dq.input[2]}_u8", (zp.astype(np.int16) + 128).astype(np.uint8))
+    gr.refresh()
+    return 1
+
+
+def integer_graph(model: Any, uint8_conv_weights: bool = False) -> Dict[str, int]:
+    """Run every pass in order; returns how many places each changed. ``uint8_conv_weights``: every
+    conv's weights as uint8 (:func:`uint8_weights`; else only the convs reading the exact input)."""
     res = {"constants": constants_to_initializers(model), "batchnorm_folded": fold_batchnorm(model),
            "int32_biases": int32_biases(model), "column_scales": move_column_scales(model),
-           "quantize_hoisted": hoist_quantize(model)}
+           "quantize_hoisted": hoist_quantize(model), "requantized_after_reuse": requantize_after_reuse(model),
+           "uint8_weights": uint8_weights(model, uint8_conv_weights)}
     drop_unused_initializers(model)
     return res
 
@@ -425,6 +528,43 @@ def integer_pattern_problems(model: Any) -> List[str]:
             if not _quantized_output(gr, n.output[0]):
                 problems.append(f"{label}: output has no QuantizeLinear after it")
     return problems
+
+
+def compact_names(model: Any) -> int:
+    """Rename the graph's internal tensors and initializers to short names and drop node names.
+
+    The exporter names every tensor after the module path that made it; in a quantized graph,
+    whose weights are a quarter of the float ones, those names are a few percent of the file.
+    Graph inputs and outputs keep their names. A graph with subgraphs (If, Loop), which may read
+    outer names, is left as it is. Returns how many names changed.
+    """
+    from onnx import AttributeProto
+
+    g = model.graph
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0
+    keep = {i.name for i in g.input} | {o.name for o in g.output} | {""}
+    names: Dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in names:
+            names[name] = f"t{len(names):x}"
+        return names[name]
+
+    for init in g.initializer:
+        init.name = short(init.name)
+    for n in g.node:
+        n.name = ""
+        for k, i in enumerate(n.input):
+            n.input[k] = short(i)
+        for k, o in enumerate(n.output):
+            n.output[k] = short(o)
+    for vi in list(g.value_info):
+        if vi.name in names:
+            vi.name = names[vi.name]
+    return len(names)
 
 
 def op_counts(nodes: Iterable[Any]) -> Dict[str, int]:

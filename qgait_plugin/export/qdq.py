@@ -31,6 +31,7 @@ from torch import nn
 from ..quant import bias
 from ..quant.convert import iter_quantizers
 from ..quant.layers import QuantLayerMixin
+from ..quant.placement import Placement, TracedPlacement
 from ..quant.quantizer import LSQQuantizer
 
 #: scale of the first layer's input: the loaders feed ``uint8 / 255``, so ``Q(x, 1/255)`` is exact
@@ -138,7 +139,7 @@ def export_mode(model: nn.Module, exact_input: bool = True) -> Iterator[nn.Modul
     ``exact_input``: the first layer's unquantized input (``first_layer_act: false``) is written as
     ``Q(1/255)``, exact for inputs on the ``k / 255`` grid the loaders produce.
     """
-    swapped: Dict[LSQQuantizer, type] = {}
+    swapped: Dict[nn.Module, type] = {}
     for _, q in iter_quantizers(model):
         swapped[q] = type(q)
         q.__class__ = QDQQuantizer
@@ -147,13 +148,17 @@ def export_mode(model: nn.Module, exact_input: bool = True) -> Iterator[nn.Modul
             if isinstance(m, QuantLayerMixin) and m.qgait_exact_input and not m.act_quant.enabled:
                 swapped.setdefault(m.act_quant, type(m.act_quant))
                 m.act_quant.__class__ = ExactInputQDQ
+    for m in model.modules():
+        if type(m) is Placement:
+            swapped[m] = Placement
+            m.__class__ = TracedPlacement
     was_training = model.training
     model.eval()
     try:
         with bias.disabled():  # the graph passes round the folded biases themselves
             yield model
     finally:
-        for q, cls in swapped.items():
-            q.__class__ = cls
+        for mod, cls in swapped.items():
+            mod.__class__ = cls
         _WEIGHTS.clear()
         model.train(was_training)

@@ -40,7 +40,7 @@ class _QuantSeparateFCsForward(_QuantFCBinMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [n, c_in, p]
         w = self.weight_quant(_fc_weight(self))
-        out = self.act_quant(x).permute(2, 0, 1).matmul(w)  # [p, n, c_out]
+        out = self.quantize_input(x).permute(2, 0, 1).matmul(w)  # [p, n, c_out]
         return out.permute(1, 2, 0).contiguous()
 
 
@@ -65,7 +65,7 @@ class _QuantSeparateBNNecksForward(_QuantFCBinMixin):
         feat = self._batch_norm(x).permute(2, 0, 1)  # [p, n, c]
         if self.norm:
             feat = F.normalize(feat, dim=-1)
-        logits = self.act_quant(feat).matmul(self.weight_quant(_fc_weight(self)))  # [p, n, classes]
+        logits = self.quantize_input(feat).matmul(self.weight_quant(_fc_weight(self)))  # [p, n, classes]
         return feat.permute(1, 2, 0).contiguous(), logits.permute(1, 2, 0).contiguous()
 
 

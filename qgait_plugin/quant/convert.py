@@ -5,16 +5,16 @@ quantization off (the teacher), list quantizers.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError
 from ..spec import FP_BITS, QuantizerSpec, check_alpha, check_rounding
-from . import bias
+from . import bias, placement
 from .blocks import dequantize_blocks, quantize_blocks
-from .handlers import LayerHandler, find_handler
+from .handlers import LayerHandler, ParamMatmulHandler, find_handler
 from .layers import QuantLayerMixin
 from .quantizer import LSQQuantizer
 
@@ -44,15 +44,26 @@ def _convert_one(m: nn.Module, h: LayerHandler, w_spec: QuantizerSpec, a_spec: Q
     m.qgait_exact_input = exact_input
 
 
-def quantize_model(model: nn.Module, config: QuantConfig | dict | None) -> nn.Module:
+def quantize_model(model: nn.Module, config: QuantConfig | dict | None, example_inputs: Any = None,
+                   plan: Optional[placement.Plan] = None,
+                   forward_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Convert ``model`` in place for quantization-aware training and return it.
 
     Layers whose weight and input both resolve to 32 bits (an override with ``enabled: false``,
     ``last_layer: fp``) stay float modules. Steps initialise from data on first use: weights from
     themselves, inputs from the first training batch. An override that matches no layer is an
-    error, since it is almost always a typo in the glob. With ``quant.residual`` on (the default),
-    registered residual blocks then get the quantizers around their adds (:mod:`.blocks`). A model
-    that already holds quantizers is refused (a second conversion would find nothing left to convert).
+    error, since it is almost always a typo in the glob.
+
+    With ``quant.residual`` on (the default) the tensors between layers get quantizers too:
+
+    * given ``example_inputs`` (a tensor or a tuple of positional arguments, with
+      ``forward_kwargs``), the model runs once on them and the quantizers are placed from its
+      dataflow (:mod:`.placement`): every conv, add and concat gets the quantized tensors an
+      integer runtime needs, whatever the model's classes. ``plan`` (from a checkpoint,
+      :func:`~.placement.plan_from_state_dict`) gives the same placement without running it;
+    * without them, registered residual blocks get the quantizers around their adds (:mod:`.blocks`),
+      as checkpoints trained before dataflow placement expect.
+    A model that already holds quantizers is refused (a second conversion would find nothing left to convert).
     """
     cfg = QuantConfig.from_dict(config) if not isinstance(config, QuantConfig) else config
     done = sum(1 for _ in iter_quantizers(model))
@@ -73,13 +84,44 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None) -> nn.Mo
         if not w_spec.enabled and not a_spec.enabled:
             continue
         _convert_one(m, h, w_spec, a_spec, exact_input=is_first and not a_spec.enabled and not cfg.first_layer_act)
-    quantize_blocks(model, cfg)
-    bias.install(model)
+    bias.install(model)  # before the placement's hooks: a BatchNorm's output is rounded, then quantized
+    if not cfg.residual.enabled:
+        return model
+    spec = QuantizerSpec("act", cfg.residual.bits, signed=None, rounding=cfg.rounding,
+                         alpha=cfg.schedule.soft.alpha, soft_forward=cfg.schedule.soft.soft_forward)
+    if plan is not None:
+        _convert_weight_matmuls(model, cfg, plan.weight_matmuls)
+        placement.install_placement(model, plan, spec)
+    elif example_inputs is not None:
+        tr = placement.trace_quiet(model, example_inputs, forward_kwargs)
+        found = tr.weight_matmuls(model)
+        if _convert_weight_matmuls(model, cfg, found):
+            tr = placement.trace_quiet(model, example_inputs, forward_kwargs)
+        placement.install_placement(model, placement.make_plan(tr, model, found), spec)
+    else:
+        quantize_blocks(model, cfg)
     return model
+
+
+def _convert_weight_matmuls(model: nn.Module, cfg: QuantConfig, found: Sequence[Tuple[str, str]]) -> int:
+    """Convert the modules the trace found multiplying by their own raw parameter (nobody registered
+    them) like registered ``ParamMatmulHandler`` layers. Returns how many were converted."""
+    mods = dict(model.named_modules())
+    done = 0
+    for name, param in found:
+        m = mods.get(name)
+        if m is None or isinstance(m, QuantLayerMixin) or not isinstance(getattr(m, param, None), nn.Parameter):
+            continue
+        w_spec, a_spec = cfg.layer_specs(name, False, False)
+        if w_spec.enabled or a_spec.enabled:
+            _convert_one(m, ParamMatmulHandler(param=param), w_spec, a_spec, exact_input=False)
+            done += 1
+    return done
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Undo :func:`quantize_model` in place: float classes back, quantizers removed."""
+    placement.remove(model)
     dequantize_blocks(model)
     for m in model.modules():
         if isinstance(m, QuantLayerMixin):

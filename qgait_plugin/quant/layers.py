@@ -54,7 +54,14 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
     """Forward of the quantized ``nn.Conv1d/2d/3d``: the float conv on the quantized input and weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(self.quantize_input(x), self.weight_quant(self.weight), self.bias)
+        x, w = self.quantize_input(x), self.weight_quant(self.weight)
+        if not self.training and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.jit.is_tracing():
+            # grid values times grid values: accumulated in float64 the sum is the integer runtime's
+            # exact int32 accumulator (times the two steps), so near-tie values round as deployed
+            b = self.bias.double() if self.bias is not None else None
+            out = self._conv_forward(x.double(), w.double(), b).float()
+        else:
+            out = self._conv_forward(x, w, self.bias)
         if not self.training:  # a BatchNorm right after puts the folded bias on its int32 grid (quant/bias.py)
             setattr(out, CONV_MARK, self)
         return out
@@ -94,7 +101,7 @@ class _QuantParamForward(QuantLayerMixin):
         if self._qgait_in_call:
             return super().forward(x, *args, **kwargs)
         w = self.weight_quant(getattr(self, self.qgait_param))
-        x = self.act_quant(x)
+        x = self.quantize_input(x)
         if torch.jit.is_tracing():  # functional_call refuses traced modules: swap the entry by hand
             original = self._parameters[self.qgait_param]
             self._parameters[self.qgait_param] = w

@@ -1,0 +1,702 @@
+"""Activation quantizers placed from the model's dataflow, not from a list of block classes.
+
+An integer runtime runs an op in integer kernels only when the tensors around it are quantized in
+the shape its fusion expects (DESIGN.md, section 6): a conv's input comes from a DequantizeLinear
+and its output goes only to a QuantizeLinear, an add has both inputs and its output quantized, a
+concat's inputs share one scale, max pooling and view ops keep their input's scale. Which tensors
+those are depends on how the model's code wires its layers, not on its classes. So
+:func:`trace` runs the model once, eagerly, under a ``TorchFunctionMode`` and records which op made
+each tensor and who reads it; :func:`plan` decides from that record, by the rule table
+:data:`RULES`, which tensors get a quantizer; :class:`Placement` (a submodule of the model, so
+state dicts, optimizer groups, ``iter_quantizers`` and DDP see its quantizers) applies them at run
+time.
+
+Rules (each tensor is quantized once, where it is produced, before it branches; every consumer
+reads the quantized tensor):
+
+========================  ===============================================================
+op                        what is quantized
+========================  ===============================================================
+conv (+BN)(+ReLU)         the input (by its producer) and the output after BN / ReLU
+linear, matmul by weight  the input (the output may stay float: MatMulIntegerToFloat)
+add, mul of two tensors   both inputs and the output (after a ReLU that only it feeds)
+concat, stack             the inputs and the output, all with one shared quantizer
+max pool, max, view ops   nothing new: the output is on its input's grid (same quantizer)
+LeakyReLU, sigmoid, avg   the output, with its own quantizer, when the input is quantized
+anything else             nothing: a float boundary (mean, GeM's power, normalisation)
+========================  ===============================================================
+
+A tensor read by a quantized layer keeps that layer's own input quantizer (``act_quant``, with
+the layer's configured bits) as its quantizer; other tensors get a new one (``quant.residual``
+bits, sign decided on the first batch). Graph inputs keep the layers' own handling (the exact
+first-layer input). Where a quantizer is applied is keyed by the module call it happens in and
+the op's position in that call; a site whose op differs at run time (the dataflow changed) stays
+float with a warning. The decisions are the placement's extra state, so a checkpoint carries them.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import ConfigError
+from ..spec import QuantizerSpec
+from .layers import QuantLayerMixin
+from .quantizer import LSQQuantizer
+
+#: op name (the torch function's ``__name__``) -> its rule; see the module doc
+RULES: Dict[str, str] = {}
+for _names, _rule in (
+    (("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), "conv"),
+    (("linear", "matmul", "__matmul__", "bmm", "mm", "einsum"), "matmul"),
+    (("batch_norm",), "bn"),
+    (("relu", "relu_"), "relu"),
+    (("add", "__add__", "__radd__", "__iadd__", "add_", "mul", "__mul__", "__rmul__", "__imul__", "mul_"),
+     "add"),
+    (("cat", "concat", "concatenate", "stack"), "cat"),
+    (("max_pool1d", "max_pool2d", "max_pool3d", "_max_pool1d", "_max_pool2d", "_max_pool3d",
+      "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d",
+      "adaptive_max_pool2d", "adaptive_max_pool3d", "amax", "max", "view", "reshape", "transpose", "permute",
+      "flatten", "squeeze", "unsqueeze", "contiguous", "__getitem__", "split", "chunk", "narrow", "select",
+      "unbind", "split_with_sizes", "unflatten", "movedim", "clone", "repeat", "expand", "view_as",
+      "reshape_as", "t"), "reuse"),
+    (("leaky_relu", "leaky_relu_", "sigmoid", "hardsigmoid", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+      "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"), "requant"),
+):
+    for _n in _names:
+        RULES[_n] = _rule
+#: what every other op is
+FLOAT = "float"
+#: reuse ops that an ONNX export may turn into control flow or gathers (``squeeze`` on a dynamic
+#: shape becomes an ``If``) through which a runtime does not follow a DequantizeLinear: a quantized
+#: layer reading their output gets its quantizer applied again there (same values, same quantizer)
+REQUANTIZE_BEFORE_LAYER = ("squeeze", "unsqueeze", "select", "__getitem__", "split", "chunk", "unbind", "narrow")
+#: dtype conversions: their output is the same value for the plan (a site goes to what made it)
+CONVERSIONS = ("double", "float", "to", "half", "bfloat16", "type_as", "type")
+
+#: the name of the placement submodule a model gets
+ATTR = "qgait_placement"
+
+
+def rule(func_name: str) -> str:
+    return RULES.get(func_name, FLOAT)
+
+
+def _func_name(func: Any) -> str:
+    return str(getattr(func, "__name__", type(func).__name__))
+
+
+def _float_tensors(out: Any) -> List[torch.Tensor]:
+    """The floating-point tensors an op returned (one tensor, or the members of a tuple/list)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, (tuple, list)):
+        return [t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return []
+
+
+def _flat_tensors(args: Any, kwargs: Optional[Dict[str, Any]]) -> List[torch.Tensor]:
+    out: List[torch.Tensor] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                walk(b)
+
+    walk(args)
+    walk(list((kwargs or {}).values()))
+    return out
+
+
+# -- module frames: where an op happens ------------------------------------------------------------------
+
+class _Frames:
+    """The stack of module calls while a model runs, each ``[key, ops counted so far]``.
+
+    A frame's key is ``"<module path>#<k>"``, ``k`` counting that module's calls since the root
+    forward began, so a module called twice in one forward (torchvision's shared ReLU) has two.
+    """
+
+    def __init__(self) -> None:
+        self.stack: List[List[Any]] = []
+        self.calls: Dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.stack.clear()
+        self.calls.clear()
+
+    def push(self, name: str) -> str:
+        k = self.calls.get(name, 0)
+        self.calls[name] = k + 1
+        key = f"{name}#{k}"
+        self.stack.append([key, 0])
+        return key
+
+    def next_op(self) -> Optional[Tuple[str, int]]:
+        """``(frame key, op index)`` for an op that returned a tensor, counted in the innermost frame."""
+        if not self.stack:
+            return None
+        top = self.stack[-1]
+        idx = top[1]
+        top[1] = idx + 1
+        return top[0], idx
+
+
+def _module_names(model: nn.Module) -> Dict[int, str]:
+    return {id(m): name for name, m in model.named_modules() if not isinstance(m, Placement)}
+
+
+# -- the trace ------------------------------------------------------------------------------------------
+
+@dataclass
+class Node:
+    """One op of the traced forward: its rule, where it ran, which values it read and made."""
+
+    func: str
+    rule: str
+    frame: str
+    index: int
+    module: str
+    inputs: List[int]
+    outputs: List[int]
+
+
+@dataclass
+class Trace:
+    """The dataflow of one forward: ops in execution order, values by number, frame outputs."""
+
+    nodes: List[Node] = field(default_factory=list)
+    producer: Dict[int, int] = field(default_factory=dict)  # value -> node index
+    consumers: Dict[int, List[int]] = field(default_factory=dict)  # value -> node indices
+    const: Set[int] = field(default_factory=set)  # values made only from parameters and buffers
+    frame_output: Dict[str, int] = field(default_factory=dict)  # frame key -> the value it returned
+    model_outputs: Set[int] = field(default_factory=set)
+    param_names: Dict[int, str] = field(default_factory=dict)  # value -> parameter name in the model
+    frame_ops: Dict[str, int] = field(default_factory=dict)  # frame key -> ops counted in it
+
+    def weight_matmuls(self, model: nn.Module) -> List[Tuple[str, str]]:
+        """``(module, parameter)`` of submodules that multiply an activation by their own raw
+        parameter (``x.matmul(self.fc_bin)``) but are no quantized layer yet: a per-part FC nobody
+        registered. The model itself is left out (its class is the user's entry point)."""
+        layers = {name for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+        found: List[Tuple[str, str]] = []
+        for n in self.nodes:
+            if n.rule != "matmul" or not n.module or n.module in layers:
+                continue
+            acts = [v for v in n.inputs if v not in self.const]
+            for v in n.inputs:
+                full = self.param_names.get(v, "")
+                mod, _, pname = full.rpartition(".")
+                if acts and mod == n.module and (n.module, pname) not in found:
+                    found.append((n.module, pname))
+        return found
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, frames: _Frames, trace: Trace, value_of: Callable[[torch.Tensor], int],
+                 keep: List[torch.Tensor], module_of_frame: Callable[[], str]) -> None:
+        super().__init__()
+        self.frames, self.trace, self.value_of, self.keep = frames, trace, value_of, keep
+        self.module_of_frame = module_of_frame
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        ins = [self.value_of(t) for t in _flat_tensors(args, kwargs)]
+        out = func(*args, **(kwargs or {}))
+        outs = _float_tensors(out)
+        if not outs:
+            return out
+        where = self.frames.next_op()
+        if where is None:
+            return out
+        tr = self.trace
+        name = _func_name(func)
+        if name in CONVERSIONS and len(outs) == 1 and ins:
+            self.keep.append(outs[0])
+            self.value_of(outs[0], alias=ins[0])  # type: ignore[call-arg]
+            return out
+        n = len(tr.nodes)
+        values = []
+        for t in outs:
+            self.keep.append(t)
+            v = self.value_of(t, fresh=True)  # type: ignore[call-arg]
+            values.append(v)
+            tr.producer[v] = n
+        for v in ins:
+            tr.consumers.setdefault(v, []).append(n)
+        if ins and all(v in tr.const for v in ins):
+            tr.const.update(values)
+        tr.nodes.append(Node(name, rule(name), where[0], where[1], self.module_of_frame(), ins, values))
+        return out
+
+
+@torch.no_grad()
+def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None) -> Trace:
+    """Run ``model`` once in eval mode on ``example_inputs`` (a tensor or a tuple) and record its dataflow.
+
+    The model should have its quantizers switched off (:func:`place` does that), so the record holds
+    the model's own ops; the frames are those the placement keys its sites by.
+    """
+    tr = Trace()
+    frames = _Frames()
+    ids: Dict[int, int] = {}
+    keep: List[torch.Tensor] = []
+    counter = [0]
+
+    def value_of(t: torch.Tensor, fresh: bool = False, alias: Optional[int] = None) -> int:
+        if alias is not None:
+            ids[id(t)] = alias
+        elif fresh or id(t) not in ids:
+            counter[0] += 1
+            ids[id(t)] = counter[0]
+        return ids[id(t)]
+
+    for pname, p in model.named_parameters():
+        keep.append(p)
+        tr.const.add(value_of(p))
+        if p.dim() >= 2:
+            tr.param_names[value_of(p)] = pname
+    for b in model.buffers():
+        keep.append(b)
+        tr.const.add(value_of(b))
+    names = _module_names(model)
+    mods: List[str] = []
+    handles = []
+
+    def pre(m: nn.Module, inp: Any) -> None:
+        frames.push(names[id(m)])
+        mods.append(names[id(m)])
+
+    def post(m: nn.Module, inp: Any, out: Any) -> None:
+        key, count = frames.stack.pop()
+        tr.frame_ops[key] = count
+        mods.pop()
+        if isinstance(out, torch.Tensor) and id(out) in ids:
+            tr.frame_output[key] = ids[id(out)]
+
+    for m in model.modules():
+        if id(m) in names:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with _Recorder(frames, tr, value_of, keep, lambda: mods[-1] if mods else ""):
+            out = model(*args, **(forward_kwargs or {}))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    tr.model_outputs = {ids[id(t)] for t in _flat_tensors(out if not isinstance(out, dict) else list(out.values()),
+                                                          None) if id(t) in ids}
+    return tr
+
+
+# -- the plan -------------------------------------------------------------------------------------------
+
+@dataclass
+class Group:
+    """One quantizer and the places it is applied: ops' outputs and module outputs, and the layers
+    whose input it quantizes (the first of those owns it, as its ``act_quant``)."""
+
+    op_sites: List[Tuple[str, int, str]] = field(default_factory=list)  # (frame, op index, func name)
+    out_sites: List[str] = field(default_factory=list)  # frame keys
+    layers: List[str] = field(default_factory=list)
+    reasons: List[str] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"op_sites": [list(s) for s in self.op_sites], "out_sites": list(self.out_sites),
+                "layers": list(self.layers), "reasons": list(self.reasons)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> Group:
+        return cls([(str(a), int(b), str(c)) for a, b, c in d["op_sites"]], [str(s) for s in d["out_sites"]],
+                   [str(s) for s in d["layers"]], [str(s) for s in d.get("reasons", [])])
+
+
+@dataclass
+class Plan:
+    """What a trace decided: the quantizer groups, and the ``(module, parameter)`` pairs converted
+    as weight matmuls because the trace saw them multiply by their own parameter."""
+
+    groups: List[Group]
+    weight_matmuls: List[Tuple[str, str]] = field(default_factory=list)
+    #: ops the trace counted in each frame that holds an op site: a different count at run time
+    #: means the dataflow changed there (a branch or a loop), and is warned about
+    frame_ops: Dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"groups": [g.to_dict() for g in self.groups], "weight_matmuls": [list(w) for w in self.weight_matmuls],
+                "frame_ops": dict(self.frame_ops)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> Plan:
+        return cls([Group.from_dict(g) for g in d["groups"]],
+                   [(str(a), str(b)) for a, b in d.get("weight_matmuls", [])],
+                   {str(k): int(v) for k, v in d.get("frame_ops", {}).items()})
+
+
+def make_plan(tr: Trace, model: nn.Module, weight_matmuls: Sequence[Tuple[str, str]] = ()) -> Plan:
+    """:func:`plan`'s groups with what else a :class:`Plan` records from the trace."""
+    groups = plan(tr, model)
+    frames = {f for g in groups for f, _, _ in g.op_sites}
+    return Plan(groups, list(weight_matmuls), {f: tr.frame_ops[f] for f in sorted(frames) if f in tr.frame_ops})
+
+
+class _Planner:
+    """Applies :data:`RULES` to a :class:`Trace`, node by node in execution order."""
+
+    def __init__(self, tr: Trace, layers: Dict[str, QuantLayerMixin]) -> None:
+        self.tr, self.layers = tr, layers
+        self.parent: List[int] = []
+        self.group_of: Dict[int, int] = {}  # value -> group (before union-find)
+        self.sited: Dict[int, int] = {}  # value -> group whose quantizer is applied where it is made
+        self.reasons: Dict[int, List[str]] = {}
+        self.covered: Dict[str, int] = {}  # layer -> group of its input
+        self.from_input: Set[int] = set()  # values that are graph inputs or views of them
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+        return min(a, b)
+
+    def new_group(self, reason: str) -> int:
+        self.parent.append(len(self.parent))
+        self.reasons[len(self.parent) - 1] = [reason]
+        return len(self.parent) - 1
+
+    def group(self, v: int) -> Optional[int]:
+        g = self.group_of.get(v)
+        return None if g is None else self.find(g)
+
+    def activation(self, v: int) -> bool:
+        return v not in self.tr.const
+
+    def sole_consumer(self, v: int) -> Optional[Node]:
+        cons = self.tr.consumers.get(v, [])
+        if len(cons) != 1 or v in self.tr.model_outputs:
+            return None
+        return self.tr.nodes[cons[0]]
+
+    def absorb(self, v: int, rules: Tuple[str, ...]) -> int:
+        """Follow ``v`` through the ops of ``rules`` that are its only reader (conv -> BN -> ReLU)."""
+        while True:
+            nxt = self.sole_consumer(v)
+            if nxt is None or nxt.rule not in rules or len(nxt.outputs) != 1 or nxt.inputs[:1] != [v]:
+                return v
+            v = nxt.outputs[0]
+            rules = tuple(r for r in rules if r != "bn") if nxt.rule == "relu" else rules
+
+    def site(self, v: int, g: Optional[int], reason: str) -> Optional[int]:
+        """Quantize value ``v`` where it is made, with group ``g`` (a new one when ``None``)."""
+        if v in self.from_input or v not in self.tr.producer:
+            return None
+        old = self.group(v)
+        if old is not None:
+            self.reasons[old].append(reason)
+            return old if g is None else self.union(old, g)
+        g = self.new_group(reason) if g is None else g
+        self.group_of[v] = g
+        self.sited[v] = g
+        self.reasons.setdefault(self.find(g), []).append(reason)
+        return self.find(g)
+
+    def run(self) -> None:
+        tr = self.tr
+        for v in list(tr.consumers):
+            if v not in tr.producer and v not in tr.const:
+                self.from_input.add(v)
+        for n in tr.nodes:
+            acts = [v for v in n.inputs if self.activation(v)]
+            if n.rule in ("conv", "matmul") and n.module in self.layers and acts:
+                layer = self.layers[n.module]
+                if layer.act_quant.enabled:
+                    g = self.site(acts[0], None, f"input of {n.module}")
+                    if g is not None:
+                        self.covered[n.module] = g
+                        made = tr.producer.get(acts[0])
+                        if acts[0] not in self.sited and made is not None and \
+                                tr.nodes[made].func in REQUANTIZE_BEFORE_LAYER:
+                            self.sited[acts[0]] = g
+                if n.rule == "conv" and layer.weight_quant.enabled:
+                    self.site(self.absorb(n.outputs[0], ("bn", "relu")), None, f"output of {n.module}")
+            elif n.rule == "add" and len(acts) == 2 and len(n.outputs) == 1:
+                if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
+                    for v in acts:
+                        self.site(v, None, f"{n.func} input")
+                    self.site(self.absorb(n.outputs[0], ("relu",)), None, f"{n.func} output")
+            elif n.rule == "cat" and acts:
+                if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
+                    shared: Optional[int] = None
+                    for v in acts:
+                        shared = self.site(v, shared, f"{n.func} input")
+                    self.site(n.outputs[0], shared, f"{n.func} output")
+            elif n.rule in ("reuse", "relu") and acts:
+                g = self.group(acts[0])
+                for o in n.outputs:
+                    if acts[0] in self.from_input:
+                        self.from_input.add(o)
+                    elif g is not None and o not in self.group_of:
+                        self.group_of[o] = g
+            elif n.rule == "requant" and acts and self.group(acts[0]) is not None:
+                self.site(n.outputs[0], None, f"{n.func} output")
+
+    def groups(self) -> List[Group]:
+        by_root: Dict[int, Group] = {}
+        order: List[int] = []
+        for v, g in sorted(self.sited.items()):
+            root = self.find(g)
+            if root not in by_root:
+                by_root[root] = Group()
+                order.append(root)
+            grp = by_root[root]
+            n = self.tr.nodes[self.tr.producer[v]]
+            if self.tr.frame_output.get(n.frame) == v:
+                grp.out_sites.append(n.frame)
+            else:
+                grp.op_sites.append((n.frame, n.index, n.func))
+        for layer, g in self.covered.items():
+            root = self.find(g)
+            if root in by_root:
+                by_root[root].layers.append(layer)
+        for root, grp in by_root.items():
+            grp.reasons = sorted({r for g in range(len(self.parent)) if self.find(g) == root
+                                  for r in self.reasons.get(g, [])})
+        return [by_root[r] for r in order]
+
+
+def plan(tr: Trace, model: nn.Module) -> List[Group]:
+    """The quantizer groups :data:`RULES` give for ``tr`` (a trace of ``model``)."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+    p = _Planner(tr, layers)
+    p.run()
+    return p.groups()
+
+
+# -- run time -------------------------------------------------------------------------------------------
+
+class _Apply(TorchFunctionMode):
+    """Applies the op sites while the model runs (module-output sites are forward hooks)."""
+
+    def __init__(self, placement: Placement) -> None:
+        super().__init__()
+        self.p = placement
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            if not out.is_floating_point():
+                return out
+        elif not _float_tensors(out):
+            return out
+        where = self.p._frames.next_op()
+        site = self.p._op_sites.get(where) if where is not None else None
+        if site is None:
+            return out
+        name, q = site
+        if _func_name(func) != name:
+            self.p._warn(where, f"expected {name}, the model ran {_func_name(func)}")
+            return out
+        if isinstance(out, torch.Tensor):
+            return q(out)
+        first = True
+        items = []
+        for t in out:
+            if first and isinstance(t, torch.Tensor) and t.is_floating_point():
+                t, first = q(t), False
+            items.append(t)
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+
+
+class Placement(nn.Module):
+    """The dataflow-placed quantizers of a model and the hooks that apply them.
+
+    Registered as the model's ``qgait_placement`` submodule. ``quantizers`` holds the quantizers no
+    layer owns; the plan (:class:`Group` list) is the extra state, so a checkpoint records it and
+    a model built from the checkpoint's plan (:func:`apply_plan`) needs no trace.
+    """
+
+    def __init__(self, plan: Plan, specs: Sequence[Optional[QuantizerSpec]]) -> None:
+        super().__init__()
+        self.plan = plan
+        self.groups = list(plan.groups)
+        self.quantizers = nn.ModuleList([LSQQuantizer.from_spec(s) for s in specs if s is not None])
+        self.owned = [s is not None for s in specs]
+        object.__setattr__(self, "_frames", _Frames())
+        object.__setattr__(self, "_resolved", [])
+        object.__setattr__(self, "_op_sites", {})
+        object.__setattr__(self, "_warned", set())
+        object.__setattr__(self, "_mode", None)
+
+    _frames: _Frames
+    _resolved: List[LSQQuantizer]
+    _op_sites: Dict[Tuple[str, int], Tuple[str, LSQQuantizer]]
+    _warned: Set[Any]
+    _mode: Optional[_Apply]
+
+    def _warn(self, where: Any, why: str) -> None:
+        if where not in self._warned:
+            self._warned.add(where)
+            warnings.warn(f"quantizer site {where}: the dataflow changed since the trace ({why}); "
+                          "this site stays float", stacklevel=3)
+
+    def resolve(self, model: nn.Module) -> None:
+        """Find each group's quantizer (a layer's ``act_quant`` or one of :attr:`quantizers`) and
+        share it with the group's other layers; index the sites."""
+        mods = dict(model.named_modules())
+        own = iter(self.quantizers)
+        qs: List[Any] = []
+        for grp, owned in zip(self.groups, self.owned):
+            q: Any
+            if owned:
+                q = next(own)
+            else:
+                owner: Any = mods[grp.layers[0]]
+                q = owner.act_quant
+            for name in grp.layers:
+                layer: Any = mods[name]
+                if layer.act_quant is not q:
+                    del layer.act_quant
+                    object.__setattr__(layer, "act_quant", q)
+                layer.qgait_input_quantized = True
+            qs.append(q)
+        self._resolved[:] = qs
+        self._op_sites.clear()
+        for grp, q in zip(self.groups, qs):
+            for frame, idx, func in grp.op_sites:
+                self._op_sites[(frame, idx)] = (func, q)
+
+    def install(self, model: nn.Module) -> None:
+        """Hook every module of ``model``: frames for the op keys, module-output sites, and the mode."""
+        names = _module_names(model)
+        out_sites = {frame: q for grp, q in zip(self.groups, self._resolved) for frame in grp.out_sites}
+        for m in model.modules():
+            if id(m) not in names:
+                continue
+            name = names[id(m)]
+            m.register_forward_pre_hook(functools.partial(self._enter, name, m is model))
+            post = functools.partial(self._leave, out_sites, m is model)
+            try:
+                m.register_forward_hook(post, always_call=True)
+            except TypeError:  # torch < 2.1
+                m.register_forward_hook(post)
+
+    def _enter(self, name: str, root: bool, module: nn.Module, inputs: Any) -> None:
+        if root:
+            self._frames.reset()
+            mode = _Apply(self)
+            object.__setattr__(self, "_mode", mode)
+            self._frames.push(name)
+            mode.__enter__()
+        else:
+            self._frames.push(name)
+
+    def _leave(self, out_sites: Dict[str, LSQQuantizer], root: bool, module: nn.Module, inputs: Any,
+               out: Any) -> Any:
+        if not self._frames.stack:
+            return None
+        key, count = self._frames.stack.pop()
+        expected = self.plan.frame_ops.get(key)
+        if expected is not None and count != expected:
+            self._warn(key, f"{count} ops ran where the trace saw {expected}")
+        q = out_sites.get(key)
+        if root and self._mode is not None:
+            mode = self._mode
+            object.__setattr__(self, "_mode", None)
+            mode.__exit__(None, None, None)
+        if q is None:
+            return None
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            return q(out)
+        self._warn(key, f"the module returned {type(out).__name__}, not a tensor")
+        return None
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        return self.plan.to_dict()
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or state.get("groups") != self.plan.to_dict()["groups"]:
+            raise ConfigError("checkpoint: its quantizer placement (qgait_placement) differs from this model's; "
+                              "build the model from the checkpoint's plan (placement.plan_from_state_dict)")
+
+
+class TracedPlacement(Placement):
+    """A :class:`Placement` without extra state, for the duration of a TorchScript trace (an ONNX
+    export), which cannot hold a dict in a state dict."""
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
+
+
+def remove(model: nn.Module) -> None:
+    """Undo :func:`install_placement`: hooks and the placement submodule removed, layers' flags cleared."""
+    p = getattr(model, ATTR, None)
+    if not isinstance(p, Placement):
+        return
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for k, h in list(hooks.items()):
+                if isinstance(h, functools.partial) and getattr(h.func, "__self__", None) is p:
+                    del hooks[k]
+    delattr(model, ATTR)
+
+
+def install_placement(model: nn.Module, plan: Plan, spec: QuantizerSpec) -> Placement:
+    """Give ``model`` the quantizers of ``plan`` (new ones built from ``spec``) and hook them in."""
+    specs = [None if grp.layers else spec for grp in plan.groups]
+    device = next(iter(model.parameters())).device
+    p = Placement(plan, specs).to(device)
+    model.add_module(ATTR, p)
+    p.resolve(model)
+    p.install(model)
+    return p
+
+
+def trace_quiet(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None) -> Trace:
+    """:func:`trace` with every quantizer of ``model`` switched off for the run (and back on after)."""
+    qs = [(q, q.enabled) for q in model.modules() if isinstance(q, LSQQuantizer)]
+    for q, _ in qs:
+        q.enabled = False
+    try:
+        return trace(model, example_inputs, forward_kwargs)
+    finally:
+        for q, on in qs:
+            q.enabled = on
+
+
+def plan_from_state_dict(state_dict: Dict[str, Any], prefix: str = "") -> Optional[Plan]:
+    """The placement plan a checkpoint's state dict records (for ``quantize_model(..., plan=)``),
+    or ``None`` when it has none (a checkpoint of block-registry placement or of layers only)."""
+    state = state_dict.get(f"{prefix}{ATTR}._extra_state")
+    if state is None:
+        return None
+    try:
+        return Plan.from_dict(state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"checkpoint: {ATTR}._extra_state is malformed ({type(e).__name__}: {e})") from None
+
+
+def site_counts(model: nn.Module) -> Dict[str, int]:
+    """How many quantizer groups and sites the model's placement has (empty without one)."""
+    p = getattr(model, ATTR, None)
+    if not isinstance(p, Placement):
+        return {}
+    return {"groups": len(p.groups), "op_sites": sum(len(g.op_sites) for g in p.groups),
+            "module_output_sites": sum(len(g.out_sites) for g in p.groups),
+            "new_quantizers": len(p.quantizers)}
