@@ -21,14 +21,16 @@ pytestmark = [pytest.mark.opengait, pytest.mark.slow,
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _launch(args, cwd: Path, torchrun: int = 0) -> str:
+def _launch(args, cwd: Path, torchrun: int = 0, launcher: str = "torch.distributed.run") -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "qgait_plugin", "opengait"] + [str(a) for a in args] + \
         ["--root", ROOT, "--device", "cpu", "--workdir", str(cwd)]
     if torchrun:
         from qgait_plugin.opengait.runtime import free_port
 
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+        # torchrun, or OpenGait's documented `python -m torch.distributed.launch` (it passes --local_rank
+        # on torch 1.x and --local-rank on torch 2, which the CLI accepts as OpenGait's main.py does)
+        cmd = [sys.executable, "-m", launcher, f"--nproc_per_node={torchrun}",
                f"--master_port={free_port()}"] + cmd[1:]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -145,11 +147,13 @@ def test_test_phase_refuses_fp_checkpoint_for_quant_config(ws, fp_run):
     assert proc.returncode != 0 and "Missing key(s)" in proc.stderr + proc.stdout
 
 
-def test_two_process_gloo_run_keeps_quantizer_steps_equal(ws, fp_run):
+@pytest.mark.parametrize("launcher", ["torch.distributed.run", "torch.distributed.launch"])
+def test_two_process_gloo_run_keeps_quantizer_steps_equal(ws, fp_run, launcher):
     import torch
 
     dump = ws["dir"] / "steps-{rank}.pt"
-    out = _launch(["train", "--cfgs", ws["dir"] / "ddp.yaml", "--dump-quantizers", dump], ws["dir"], torchrun=2)
+    out = _launch(["train", "--cfgs", ws["dir"] / "ddp.yaml", "--dump-quantizers", dump, "--overwrite"], ws["dir"],
+                  torchrun=2, launcher=launcher)
     r0 = torch.load(str(dump).replace("{rank}", "0"), weights_only=False)
     r1 = torch.load(str(dump).replace("{rank}", "1"), weights_only=False)
     assert r0["iteration"] == r1["iteration"] == 3, out[-2000:]

@@ -113,7 +113,7 @@ def test_rules_cover_every_tensor_an_integer_runtime_quantizes():
     names = [n for n, _ in iter_quantizers(q)]
     assert sum(n.startswith("qgait_placement.") for n in names) == len(q.qgait_placement.quantizers) > 0
     steps = next(g for g in qat_param_groups(q) if g["name"] == "quantizer_steps")["params"]
-    assert {id(p) for p in steps} >= {id(m.step) for m in q.qgait_placement.quantizers}
+    assert {id(p) for p in steps} >= {id(m.scaled_log_step) for m in q.qgait_placement.quantizers}
 
 
 def test_training_step_reaches_every_placed_quantizer_and_eval_is_on_the_grid():
@@ -122,7 +122,7 @@ def test_training_step_reaches_every_placed_quantizer_and_eval_is_on_the_grid():
     q(x).square().mean().backward()
     for name, m in iter_quantizers(q):
         if m.enabled:
-            assert m.step.grad is not None and torch.isfinite(m.step.grad).all(), name
+            assert m.scaled_log_step.grad is not None and torch.isfinite(m.scaled_log_step.grad).all(), name
     # a placed tensor is on its quantizer's grid wherever it is read: the first add's shortcut input
     seen = {}
     q.blocks[0].register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0]))

@@ -174,3 +174,18 @@ def test_collapsed_steps_names_quantizers_whose_step_sits_at_the_floor():
     # and the forward pass really quantizes those channels to ~0, which is why it is reported
     out = net["b"](x)
     assert out[1:3].abs().max() < 1e-5 and out[0].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"qmin": 7, "qmax": -7}, "qmin <= qmax"),  # returned a constant for every element before
+    ({"step": torch.tensor(float("nan"))}, "finite and positive"),
+    ({"step": torch.tensor(float("inf"))}, "finite and positive"),
+    ({"step": torch.tensor([0.1, 0.0])}, "finite and positive"),
+    ({"step": torch.tensor(-0.1)}, "finite and positive"),
+    ({"alpha": -1.0}, "alpha"),
+])
+def test_fake_quantize_refuses_arguments_outside_its_rules(kwargs, match):
+    args = {"x": torch.randn(2, 3), "step": torch.tensor(0.1), "qmin": -7, "qmax": 7}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        fake_quantize(args.pop("x"), args.pop("step"), args.pop("qmin"), args.pop("qmax"), **args)

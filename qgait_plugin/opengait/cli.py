@@ -30,6 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="train: a fresh run may replace the checkpoints of an earlier run under the same save_name; "
                         "calibrate: replace an earlier calibration's checkpoint")
+    # what `python -m torch.distributed.launch` passes (--local_rank; --local-rank on torch 2), as
+    # OpenGait's own main.py accepts both
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by torch.distributed.launch (same as the LOCAL_RANK variable)")
     p.add_argument("--dump-quantizers", default=None, help=argparse.SUPPRESS)  # '{rank}' in the path: one file per rank
     p.add_argument("--no-plugin", action="store_true", help=argparse.SUPPRESS)  # plain OpenGait, for comparisons
     e = p.add_argument_group("export")
@@ -43,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "local_rank", None) is not None:
+        import os
+
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
     if args.phase == "calibrate":
         from .calibrate import run as calibrate
 
