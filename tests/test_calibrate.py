@@ -194,15 +194,12 @@ def test_calibrate_command_writes_a_checkpoint_test_and_qat_read(fp_run, capsys)
     tr = Trainer(build_config(raw), progress=False)
     tr.restore(0, save_name="ptq4")
     assert all(bool(q.initialized) for _, q in iter_quantizers(tr.model) if q.enabled)
-    # a QAT run starts from it (quant.init_from: the PTQ checkpoint) with the calibrated steps
+    # quant.init_from must be the FP checkpoint (the teacher is built from it): the PTQ file is refused there
     q = dict(raw["quant"], init_from=str(ck), schedule={"ste_iters": 1})
-    qat = Trainer(build_config(_raw(fp_run["root"], fp_run["part"], fp_run["tmp"], "qat_from_ptq", 1, q)),
-                  progress=False)
-    qat._setup_training()
-    steps = {n: q.effective_step() for n, q in iter_quantizers(tr.model) if q.enabled}
-    assert all(torch.equal(steps[n], q.effective_step()) for n, q in iter_quantizers(qat.model) if q.enabled)
-    assert qat.train()["iteration"] == 1
-    # ... or resumes from it as a restore_hint file
+    with pytest.raises(ConfigError, match="not a full-precision one"):
+        Trainer(build_config(_raw(fp_run["root"], fp_run["part"], fp_run["tmp"], "qat_from_ptq", 1, q)),
+                progress=False)._setup_training()
+    # QAT continues from it as a restore_hint file, with the calibrated steps
     q2 = dict(raw["quant"], schedule={"ste_iters": 1})
     raw2 = _raw(fp_run["root"], fp_run["part"], fp_run["tmp"], "resume_ptq", 1, q2)
     raw2["trainer_cfg"]["restore_hint"] = str(ck)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import w8_cosine_floor
 from torch import nn
 
 from qgait_plugin.param_groups import qat_param_groups
@@ -152,7 +153,7 @@ def test_integer_onnx_every_conv_integer_agrees_and_is_small(tmp_path):
     with torch.no_grad():
         ref = q(x)
     cos = F.cosine_similarity(got.flatten(1).double(), ref.flatten(1).double()).min().item()
-    assert cos >= 0.9999, cos
+    assert cos >= w8_cosine_floor(8), cos  # W8 on AVX2-only CPUs: tests/conftest.py
     assert fp_info["bytes"] / info["bytes"] >= 3.9
 
 

@@ -308,11 +308,12 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
         res = calibrate_checkpoint(hc, progress=False, announce=False, overwrite=True)
         tr = res["trainer"]
         out = {"history": [{"loss": v} for v in res["info"].get("loss", [])], "val_history": [],
-               "train_seconds": res["info"]["seconds"]["total"]}
+               "train_seconds": res["info"]["seconds"]["total"], "checkpoint": str(res["checkpoint"])}
     elif job["method"] == "fp":
         tr = Trainer(hc, progress=False, announce=False)
         tr.restore(hc["trainer_cfg"]["restore_hint"], source="fp reference")
-        out = {"history": [], "val_history": [], "train_seconds": 0.0}
+        out = {"history": [], "val_history": [], "train_seconds": 0.0,
+               "checkpoint": str(hc["trainer_cfg"]["restore_hint"])}
     else:
         tr = Trainer(hc, progress=False, announce=False)  # the record names the FP checkpoint instead
         out = tr.train()

@@ -104,7 +104,7 @@ def _walk_view(cfg: SynthConfig, person, subject: int, seq_type: str, view: int)
     """One sequence's projected capsules, pixel scale, image centre and noise generator."""
     ss = _sequence_seed(cfg.seed, subject, seq_type, view)
     rng = np.random.default_rng(ss)
-    gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0] & ((1 << 63) - 1)))
+    gen = torch.Generator().manual_seed(int(ss.generate_state(1, np.uint64)[0]) & ((1 << 63) - 1))
     person = wobble_subject(person, rng, cfg.style_jitter)
     walk = WalkSequence(speed=float(np.clip(1.0 + cfg.speed_jitter * rng.standard_normal(), 0.7, 1.3)),
                         phase0=float(rng.uniform(0, 2 * math.pi)),
