@@ -101,8 +101,8 @@ class _FusedFakeQuant(torch.autograd.Function):
         qmin, qmax, grad_fn, alpha, gscale = ctx.conf
         vc = v.clamp(qmin, qmax)
         inside = (v >= qmin) & (v <= qmax)
-        calc = vc.float() if vc.dtype in (torch.float16, torch.bfloat16) else vc
-        d = grad_fn(calc, alpha).to(v.dtype) if grad_fn is not _STE_GRAD else None
+        # v is fp32 or wider: _fake_quantize upcasts half-precision inputs before this function
+        d = grad_fn(vc, alpha).to(v.dtype) if grad_fn is not _STE_GRAD else None
         gx = gs = None
         if ctx.needs_input_grad[0]:
             gx = torch.where(inside, grad if d is None else grad * d, torch.zeros((), dtype=grad.dtype))
@@ -171,6 +171,12 @@ def _fake_quantize(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, round
     return out if out.dtype == dtype else out.to(dtype)
 
 
+def _step_from_theta(theta: torch.Tensor) -> torch.Tensor:
+    """``exp(STEP_LOG_SCALE * theta)``, in fp32 for a half-precision ``theta``: the step the forward
+    pass and a deployed model use."""
+    return torch.exp((theta.float() if theta.dtype in _HALF else theta) * STEP_LOG_SCALE)
+
+
 class _LogStep(torch.autograd.Function):
     """``s = exp(STEP_LOG_SCALE * theta)``; backward hands ``theta`` LSQ's scaled step gradient ``g dL/ds``
     divided by ``STEP_LOG_SCALE``, not the chain rule's ``STEP_LOG_SCALE * s * g dL/ds``.
@@ -186,7 +192,7 @@ class _LogStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, gscale):
         ctx.gscale = gscale / STEP_LOG_SCALE
-        return torch.exp((theta.float() if theta.dtype in _HALF else theta) * STEP_LOG_SCALE)
+        return _step_from_theta(theta)
 
     @staticmethod
     def backward(ctx, grad):
@@ -333,8 +339,7 @@ class LSQQuantizer(nn.Module):
 
     def effective_step(self) -> torch.Tensor:
         """The step the forward pass divides by, detached: what a deployed model stores."""
-        theta = self.scaled_log_step.detach()
-        return ((theta.float() if theta.dtype in _HALF else theta) * STEP_LOG_SCALE).exp().clamp_min(STEP_EPS)
+        return _step_from_theta(self.scaled_log_step.detach()).clamp_min(STEP_EPS)
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
