@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .atomic import write_atomic
+from .compat import load_weights_only
 from .errors import ConfigError, DamagedFile, QGaitError
 from .quant.convert import iter_quantizers
 
@@ -89,7 +90,7 @@ def read_checkpoint(path: str | os.PathLike[str], source: Optional[str] = None) 
         raise CheckpointError(f"{where} is a folder; expected a checkpoint file (.pt)")
     verify_zip(p, where)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = load_weights_only(p)
     except pickle.UnpicklingError as e:
         # torch words it "Unsupported global: GLOBAL x.y" for modules it knows, "unsupported GLOBAL posix.system
         # whose module posix is blocked" for os/subprocess/builtins and the like

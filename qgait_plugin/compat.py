@@ -7,8 +7,14 @@ release and a new difference is one entry in this file.
 """
 from __future__ import annotations
 
+import _compat_pickle
+import functools
 import inspect
-from typing import Any, Callable, Dict, Optional, Tuple
+import io
+import os
+import pickle
+import types
+from typing import IO, Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,3 +67,76 @@ def cpu_autocast(enabled: bool = True, dtype: Optional[torch.dtype] = None, **_:
     """``torch.autocast`` on the CPU in bfloat16 (what float16 autocast is on a GPU), with
     ``torch.cuda.amp.autocast``'s call signature (``enabled``, ``dtype``, ``cache_enabled``)."""
     return torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bool(enabled))
+
+
+@functools.lru_cache(maxsize=1)
+def _weights_only_reads_plain_data() -> bool:
+    """Whether this torch's ``weights_only=True`` unpickler reads a Python float. torch 1.13's does
+    not (``Unsupported operand 71``, pickle's BINFLOAT), so it refuses every checkpoint that holds a
+    learning rate or a loss; torch >= 2.0's does."""
+    buf = io.BytesIO()
+    torch.save({"x": 0.5}, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+    except pickle.UnpicklingError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _allowed_globals() -> Dict[str, Any]:
+    """The classes and functions a checkpoint may name: torch 1.13's weights-only allowlist (tensor,
+    parameter and storage rebuilders, OrderedDict, Size) plus what torch 2.x's adds that plain
+    training state holds (an LR scheduler's Counter of milestones, sets, bytes, devices) and every
+    dtype."""
+    import _codecs
+    import collections
+
+    from torch import _weights_only_unpickler
+
+    allowed: Dict[str, Any] = dict(_weights_only_unpickler._get_allowed_globals())
+    allowed.update({"collections.OrderedDict": collections.OrderedDict, "collections.Counter": collections.Counter,
+                    "_codecs.encode": _codecs.encode, "builtins.bytearray": bytearray, "builtins.set": set,
+                    "builtins.complex": complex, "torch.device": torch.device})
+    for value in vars(torch).values():
+        if isinstance(value, torch.dtype):
+            allowed[str(value)] = value
+    return allowed
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Python's unpickler (every opcode) that resolves a global only from :func:`_allowed_globals`,
+    the restriction recipe of the ``pickle`` documentation. Anything else is refused with torch
+    2.x's wording, ``Unsupported global: GLOBAL module.name``, before it could be called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # torch.save's protocol 2 names Python 2 modules (``__builtin__.set``); pickle's own
+        # find_class maps them, and so must this one
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = _allowed_globals().get(f"{module}.{name}")
+        if found is None:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return found
+
+
+#: a stand-in for the ``pickle`` module that ``torch.load(pickle_module=...)`` accepts
+_allowlist_pickle = types.SimpleNamespace(__name__="qgait_allowlist_pickle", Unpickler=_AllowlistUnpickler,
+                                          load=lambda f, **kw: _AllowlistUnpickler(f, **kw).load())
+
+
+def load_weights_only(f: Union[str, os.PathLike[str], IO[bytes]]) -> Any:
+    """``torch.load(f, map_location="cpu", weights_only=True)``: tensors and plain data only, a
+    pickle naming any other class or function refused (``pickle.UnpicklingError``), never executed.
+    On a torch whose weights-only unpickler cannot read plain floats (1.13) the same restriction is
+    applied through an allowlisting unpickler instead, handed to torch's zip reader directly: 1.13's
+    ``torch.load`` replaces any ``pickle_module`` it is given by ``pickle`` unless ``weights_only``."""
+    if _weights_only_reads_plain_data():
+        return torch.load(f, map_location="cpu", weights_only=True)
+    from torch import serialization
+
+    with serialization._open_file_like(f, "rb") as opened:
+        if not serialization._is_zipfile(opened):
+            raise RuntimeError("not a zip archive (torch.save's format since torch 1.6)")
+        with serialization._open_zipfile_reader(opened) as archive:
+            return serialization._load(archive, "cpu", _allowlist_pickle, encoding="utf-8")

@@ -102,3 +102,31 @@ def test_unwrap_and_load_float_state_dict_name_bad_keys():
         load_float_state_dict(q, {**sd, "extra": torch.zeros(1)}, source="x")
     with pytest.raises(ConfigError, match="does not fit Sequential"):
         load_float_state_dict(q, {**sd, "0.weight": torch.zeros(3)}, source="x")
+
+
+@pytest.mark.parametrize("torch_reader", [True, False], ids=["weights_only", "allowlist_unpickler"])
+def test_both_restricted_readers_read_training_state_and_refuse_code(tmp_path, monkeypatch, torch_reader):
+    """torch 1.13's weights-only unpickler cannot read a float, so there the reader runs its own
+    allowlisting unpickler; both paths run on every torch (the second forced here)."""
+    from collections import Counter
+
+    from qgait_plugin import compat
+
+    if torch_reader and not compat._weights_only_reads_plain_data():
+        pytest.skip(f"torch {torch.__version__}'s weights-only unpickler cannot read a float")
+    monkeypatch.setattr(compat, "_weights_only_reads_plain_data", lambda: torch_reader)
+    net = nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 5])  # its state holds a Counter
+    obj = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+           "loss": 0.25, "bits": {4, 8}, "blob": b"\x00\x01", "dtype": torch.bfloat16, "device": torch.device("cpu")}
+    write_checkpoint(obj, str(tmp_path / "ck.pt"))
+    ck = read_checkpoint(tmp_path / "ck.pt")
+    assert ck["loss"] == 0.25 and ck["bits"] == {4, 8} and ck["blob"] == b"\x00\x01"
+    assert ck["dtype"] is torch.bfloat16 and ck["scheduler"]["milestones"] == Counter([3, 5])
+    assert torch.equal(ck["model"]["weight"], net.weight) and ck["optimizer"]["param_groups"][0]["lr"] == 0.5
+    torch.save({"model": {}, "payload": _Unsafe()}, tmp_path / "evil.pt")
+    _RAN.clear()
+    with pytest.raises(CheckpointError, match=r"holds objects that are not tensors or plain data.*_run_code"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert _RAN == []

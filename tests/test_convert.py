@@ -18,6 +18,7 @@ from qgait_plugin import (
     register_handler,
     set_rounding,
 )
+from qgait_plugin.compat import load_weights_only
 from qgait_plugin.quant.handlers import unregister_handler
 from qgait_plugin.quant.layers import QuantConv2d, QuantLinear
 
@@ -112,7 +113,7 @@ def test_state_dict_round_trip_is_exact():
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     c = quantize_model(net2d(), cfg)
-    c.load_state_dict(torch.load(buf, weights_only=True))
+    c.load_state_dict(load_weights_only(buf))
     assert torch.equal(c.eval()(x), a(x))
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from qgait_plugin import ConfigError, iter_quantizers, quantize_model
+from qgait_plugin.compat import load_weights_only
 from qgait_plugin.distill import IDDLoss, part_distances
 from qgait_plugin.param_groups import qat_param_groups
 from qgait_plugin.teacher import SHARED_WITH_STUDENT, FrozenTeacher, attach_teacher, get_teacher, make_teacher
@@ -271,7 +272,7 @@ def test_teacher_stays_out_of_student_and_optimizer_and_does_not_train():
     buf = io.BytesIO()
     torch.save(student.state_dict(), buf)
     buf.seek(0)
-    assert set(torch.load(buf, weights_only=True)) == keys_before
+    assert set(load_weights_only(buf)) == keys_before
 
 
 def test_teacher_follows_the_student_and_stays_in_eval():

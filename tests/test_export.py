@@ -14,6 +14,7 @@ from conftest import INT8_EXACT, w8_cosine_floor
 from torch import nn
 
 from qgait_plugin import quantize_model
+from qgait_plugin.compat import load_weights_only
 from qgait_plugin.local.model import GaitBaseLite, register_quant_handlers
 
 onnx = pytest.importorskip("onnx")
@@ -235,7 +236,7 @@ def test_packed_checkpoint_round_trip_and_size(tmp_path, bits):
     fresh = quantize_model(small_net(), cfg)
     load_packed(fresh, str(tmp_path / "m.qgpk")).eval()
     assert torch.equal(fresh(x), ref)
-    blob = torch.load(str(tmp_path / "m.qgpk"), weights_only=True)
+    blob = load_weights_only(str(tmp_path / "m.qgpk"))
     for entry in blob["layers"].values():  # each weight takes exactly ceil(numel * bits / 8) bytes
         numel = int(np.prod(entry["shape"]))
         assert entry["data"].numel() == (numel * bits + 7) // 8

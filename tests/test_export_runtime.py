@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import w8_cosine_floor
 
+from qgait_plugin.compat import onnx_export_kwargs
 from qgait_plugin.export.runtime import time_calls
 
 
@@ -21,7 +22,7 @@ def test_session_runs_and_times_a_model(tmp_path):
     model = torch.nn.Linear(3, 2).eval()
     x = torch.rand(4, 3)
     path = str(tmp_path / "lin.onnx")
-    torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], output_names=["y"])
+    torch.onnx.export(model, (x,), path, **onnx_export_kwargs(), input_names=["x"], output_names=["y"])
     sess = cpu_session(path, threads=1)
     (y,) = run_session(sess, x.numpy())
     assert torch.allclose(torch.from_numpy(y), model(x).detach(), atol=1e-6)
@@ -51,7 +52,7 @@ def test_openvino_runs_the_same_model(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()).eval()
     x = torch.rand(2, 1, 8, 8)
     path = str(tmp_path / "m.onnx")
-    torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"])
+    torch.onnx.export(model, (x,), path, **onnx_export_kwargs(), input_names=["x"])
     ref = model(x).detach().numpy()
     for fp32 in (True, False):
         out = open_runtime("openvino", path, 1, fp32=fp32, static_shapes=[x.shape]).run(x.numpy())[0]

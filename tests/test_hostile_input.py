@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from qgait_plugin.cli import main
+from qgait_plugin.compat import load_weights_only
 from qgait_plugin.errors import ConfigError, NonFiniteError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,10 +146,12 @@ def test_case1_packed_file_with_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-#: the only places that may deserialize: the checkpoint reader, the restricted array unpickler, and
-#: the CPU redirection of OpenGait's own torch.load (it only changes map_location for OpenGait's loader)
-DESERIALIZERS = {("torch", "load"): {"checkpoint.py", "opengait/runtime.py"},
-                 ("pickle", "load"): set(), ("pickle", "loads"): set(), ("pickle", "Unpickler"): {"layout.py"},
+#: the only places that may deserialize: the checkpoint reader's weights-only load (compat.py: torch's
+#: own, or an allowlisting unpickler on torch 1.13), the restricted array unpickler, and the CPU
+#: redirection of OpenGait's own torch.load (it only changes map_location for OpenGait's loader)
+DESERIALIZERS = {("torch", "load"): {"compat.py", "opengait/runtime.py"},
+                 ("pickle", "load"): set(), ("pickle", "loads"): set(),
+                 ("pickle", "Unpickler"): {"layout.py", "compat.py"},
                  ("np", "load"): set(), ("numpy", "load"): set(), ("yaml", "load"): set(),
                  ("yaml", "safe_load"): set(), ("yaml", "unsafe_load"): set(), ("yaml", "full_load"): set(),
                  ("yaml", "SafeLoader"): {"yamlfile.py"}, ("yaml", "Loader"): set()}
@@ -169,8 +172,9 @@ def test_case1_every_read_goes_through_the_one_reader():
                 assert not names & {"load", "loads", "Unpickler", "safe_load"}, (rel, names)
     for key, files in found.items():
         assert files <= DESERIALIZERS[key], (key, files - DESERIALIZERS[key])
-    source = (pkg / "checkpoint.py").read_text()
-    assert "weights_only=True" in source and "weights_only=False" not in source
+    assert "load_weights_only(p)" in (pkg / "checkpoint.py").read_text()
+    source = (pkg / "compat.py").read_text()
+    assert "weights_only=True" in source and "weights_only=False" not in source and "def find_class" in source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def test_case2_diverged_training_stops_naming_iteration_and_loss_terms(tmp_path,
     last = _ck_dir(tmp_path) / "run-00001.pt"
     assert f"The last good checkpoint is {last}" in err
     assert sorted(os.listdir(_ck_dir(tmp_path))) == ["run-00001.pt"]  # nothing written after the divergence
-    ck = torch.load(last, weights_only=True)
+    ck = load_weights_only(last)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 

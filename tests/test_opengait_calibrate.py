@@ -5,6 +5,8 @@ import pytest
 import torch
 import yaml
 
+from qgait_plugin.compat import load_weights_only
+
 ROOT = os.environ.get("OPENGAIT_ROOT")
 pytestmark = [pytest.mark.opengait, pytest.mark.skipif(not ROOT, reason="needs an OpenGait checkout in OPENGAIT_ROOT")]
 
@@ -48,7 +50,7 @@ def test_opengait_calibrate_writes_what_test_and_export_read(og, tmp_path, capsy
     args, ck = cfg_file("ptq", {"samples": 8, "batch": 4, "frames": 4, "objective": "kd", "iters": 3})
     assert main(args) == 0
     assert "wall time" in capsys.readouterr().out
-    saved = torch.load(ck, weights_only=True)
+    saved = load_weights_only(ck)
     assert saved["iteration"] == 0 and saved["calibration"]["objective"] == "kd"
     steps = [k for k in saved["model"] if k.endswith("act_quant.initialized")]
     assert steps and any(bool(saved["model"][k]) for k in steps)

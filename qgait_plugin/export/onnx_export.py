@@ -38,6 +38,7 @@ def _trace(model: nn.Module, args: tuple, path: str, opset: int, input_names: Se
         # dynamo=False is deliberate (the dynamo exporter fails on fake-quantize ops): no need to warn
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # torch 1.13's exporter about its own g.op
         torch.onnx.export(model, args, path, opset_version=opset, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=dyn, do_constant_folding=True,
                           **onnx_export_kwargs())

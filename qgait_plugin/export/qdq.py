@@ -56,7 +56,8 @@ class _QDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: float, zp: int, lo: int, hi: int) -> torch.Tensor:
-        return (torch.clamp(torch.round(x / scale) + zp, lo, hi) - zp) * scale
+        # float scalars throughout: torch 1.13's tracer breaks its peephole pass on a tensor + int
+        return (torch.clamp(torch.round(x / scale) + float(zp), float(lo), float(hi)) - float(zp)) * scale
 
     @staticmethod
     def symbolic(g: Any, x: Any, scale: float, zp: int, lo: int, hi: int) -> Any:
@@ -73,12 +74,13 @@ class _WeightDQ(torch.autograd.Function):
     """The dequantized weight; written as an int8 constant -> DequantizeLinear (see the module doc)."""
 
     @staticmethod
-    def forward(ctx: Any, w: torch.Tensor, key: int) -> torch.Tensor:
-        ints, scale, _ = _WEIGHTS[key]
+    def forward(ctx: Any, w: torch.Tensor, ints: torch.Tensor, scale: torch.Tensor, key: int) -> torch.Tensor:
+        # ints and scale arrive as arguments, not read from _WEIGHTS: torch 1.13's tracer fails
+        # ("unordered_map::at") on a tensor of the enclosing trace that a Function's forward captures
         return ints.to(w.dtype) * scale.to(w.dtype)
 
     @staticmethod
-    def symbolic(g: Any, w: Any, key: int) -> Any:
+    def symbolic(g: Any, w: Any, ints_value: Any, scale_value: Any, key: int) -> Any:
         ints, scale, axis = _WEIGHTS[key]
         c = g.op("Constant", value_t=ints.to(torch.int8))
         if axis is None and scale.numel() > 1:  # steps along several axes: DQ(scale 1), then the steps
@@ -118,8 +120,9 @@ class QDQQuantizer(LSQQuantizer):
         axes = [i for i, n in enumerate(step.shape) if n > 1]
         axis = axes[0] if len(axes) == 1 else None
         key = next(_KEYS)
-        _WEIGHTS[key] = (weight_integers(self, x).to(torch.int8), step.detach().clone(), axis)
-        return _WeightDQ.apply(x, key)
+        ints, scale = weight_integers(self, x).to(torch.int8), step.detach().clone()
+        _WEIGHTS[key] = (ints, scale, axis)
+        return _WeightDQ.apply(x, ints, scale, key)
 
 
 class ExactInputQDQ(LSQQuantizer):
