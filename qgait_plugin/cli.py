@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional, Tuple
 
@@ -23,7 +24,8 @@ COMMANDS: Tuple[Tuple[str, str, str], ...] = (
     ("calibrate", "qgait_plugin.local.calibrate_cmd",
      "post-training quantization: calibrate the quantizers of an FP checkpoint (built-in host)"),
     ("test", "qgait_plugin.local.eval_cmd", "evaluate a checkpoint with the CASIA-B protocol on the built-in host"),
-    ("demo", "qgait_plugin.local.demo", "generate data, train FP, quantize W8A8/W4A4 with LSQ and QGait, compare"),
+    ("demo", "qgait_plugin.local.demo",
+     "generate data, train FP, quantize (W8A8 PTQ; W8A8 and W3A3 QAT with LSQ and QGait), compare"),
     ("export", "qgait_plugin.local.export_cmd",
      "a trained QAT checkpoint out as ONNX with integer weights (+ packed file)"),
     ("ablate", "qgait_plugin.local.ablation", "LSQ vs QGait variants at another bit width, from a finished demo"),
@@ -60,9 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LOCAL_RANK_FLAGS = ("--local_rank", "--local-rank")
+
+
+def _take_launcher_local_rank(argv: List[str]) -> List[str]:
+    """``argv`` without the ``--local-rank=N`` that ``python -m torch.distributed.launch -m qgait_plugin
+    opengait ...`` puts in front of the command (``--local_rank`` on torch 1.x), which is
+    exported as ``LOCAL_RANK`` instead, the variable torchrun sets; flags after the command are
+    left to that command's parser."""
+    rest = list(argv)
+    while rest and rest[0].split("=", 1)[0] in _LOCAL_RANK_FLAGS:
+        flag = rest.pop(0)
+        value = flag.split("=", 1)[1] if "=" in flag else (rest.pop(0) if rest else "")
+        if not value.isdigit():
+            raise SystemExit(f"qgait: {flag.split('=', 1)[0]} {value!r}: expected a non-negative integer")
+        os.environ["LOCAL_RANK"] = value
+    return rest
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_take_launcher_local_rank(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import pytest
@@ -175,3 +176,16 @@ def test_bad_command_line_numbers(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--configs", str(tmp_path)]) == 2
     assert f"--configs {tmp_path}: missing ['fp.yaml'" in _one_line(capsys, "demo")
     assert not (tmp_path / "demo").exists()  # refused before generating any data
+
+
+@pytest.mark.parametrize("front", [["--local-rank=1"], ["--local_rank=1"], ["--local_rank", "1"]])
+def test_torch_distributed_launch_rank_in_front_of_the_command(monkeypatch, capsys, front):
+    """`python -m torch.distributed.launch -m qgait_plugin opengait ...` puts the rank flag before the
+    command: it becomes LOCAL_RANK (as torchrun sets it) and the command parses as usual."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(front + ["--version"])
+    assert e.value.code == 0 and "qgait-plugin" in capsys.readouterr().out
+    assert os.environ["LOCAL_RANK"] == "1"
+    with pytest.raises(SystemExit, match="--local-rank 'x': expected a non-negative integer"):
+        main(["--local-rank=x", "--version"])

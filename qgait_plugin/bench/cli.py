@@ -1,4 +1,4 @@
-"""``qgait bench overhead|export``: benchmarks that print figures (speed goals live here, not in tests).
+"""``qgait bench overhead|accuracy|tune|export``: benchmarks that print figures (speed goals live here, not in tests).
 
 ``overhead``: forward + backward time of W8A8/W4A4 (STE, soft) against FP32. ``export``: ONNX file
 size and onnxruntime latency, FP32 against integer-weight models.
@@ -12,7 +12,7 @@ import importlib
 BENCHES = {
     "overhead": ("qgait_plugin.bench.overhead", "forward+backward time of W8A8/W4A4 (STE, soft) vs FP32"),
     "accuracy": ("qgait_plugin.bench.accuracy",
-                 "QAT methods (LSQ, QGait and ablations) by bit width and seed, paired intervals vs LSQ"),
+                 "QAT methods (LSQ, QGait, ablations) and PTQ by bit width and seed, paired intervals"),
     "tune": ("qgait_plugin.bench.tune", "search QGait's knobs on the validation subjects (never the test ones)"),
     "export": ("qgait_plugin.bench.export_speed",
                "ONNX file size and onnxruntime latency: FP32 vs W8A8/W4A4 integer weights"),
