@@ -189,3 +189,26 @@ def test_fake_quantize_refuses_arguments_outside_its_rules(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         fake_quantize(args.pop("x"), args.pop("step"), args.pop("qmin"), args.pop("qmax"), **args)
+
+
+def test_ddp_over_gloo_broadcasts_every_quantizer_buffer(tmp_path):
+    """DDP broadcasts buffers when it wraps a model; torch 1.13's gloo has no bool, so every buffer
+    must be a type gloo carries. A checkpoint from when ``initialized`` was a bool still loads."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from qgait_plugin import quantize_model
+
+    q = LSQQuantizer(4, "act")
+    old = {k: (v.to(torch.bool) if k == "initialized" else v) for k, v in q.state_dict().items()}
+    old["initialized"] = torch.ones((), dtype=torch.bool)
+    q.load_state_dict(old)
+    assert bool(q.initialized)
+    net = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), {"weight": {"bits": 4}})
+    net(torch.rand(3, 4))
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        nn.parallel.DistributedDataParallel(net)(torch.rand(3, 4)).sum().backward()
+    finally:
+        dist.destroy_process_group()

@@ -244,7 +244,7 @@ class LSQQuantizer(nn.Module):
     of its state dict, so a checkpoint restores the phase it was saved in.
     """
 
-    initialized: torch.Tensor  # a bool buffer
+    initialized: torch.Tensor  # 0/1 in a uint8 buffer
 
     def __init__(self, bits: int, kind: str, signed: Optional[bool] = None,
                  channel_shape: Optional[Sequence[int]] = None, rounding: str = "ste", alpha: float = 3.0,
@@ -263,7 +263,9 @@ class LSQQuantizer(nn.Module):
         # the learned parameter is ln(s) / STEP_LOG_SCALE (module docstring); a switched-off quantizer's takes
         # no gradient: DDP with find_unused_parameters=False fails on parameters that never receive one
         self.scaled_log_step = nn.Parameter(torch.zeros(shape), requires_grad=self.enabled)
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        # uint8, not bool: DDP broadcasts buffers at wrap time and torch 1.13's gloo has no bool
+        # ("Invalid scalar type"); checkpoints with the bool buffer load into it unchanged
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
 
     @classmethod
     def from_spec(cls, spec: QuantizerSpec, channel_shape: Optional[Sequence[int]] = None) -> LSQQuantizer:
