@@ -35,10 +35,11 @@ float with a warning. The decisions are the placement's extra state, so a checkp
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -605,6 +606,10 @@ class Placement(nn.Module):
             self._frames.push(name)
             mode.__enter__()
         else:
+            if self._mode is None and not self._frames.stack and self.plan.frame_ops:
+                self._warn("forward", "the model's forward was called directly, which skips its hooks, so the "
+                           "sites in its own forward code stay float: call the model itself, or run the forward "
+                           "inside placement.root_call(model)")
             self._frames.push(name)
 
     def _leave(self, out_sites: Dict[str, LSQQuantizer], root: bool, module: nn.Module, inputs: Any,
@@ -654,7 +659,41 @@ def remove(model: nn.Module) -> None:
             for k, h in list(hooks.items()):
                 if isinstance(h, functools.partial) and getattr(h.func, "__self__", None) is p:
                     del hooks[k]
+        m.__dict__.pop("qgait_input_quantized", None)
     delattr(model, ATTR)
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module) -> Iterator[None]:
+    """Inside, ops that run within ``model``'s forward are not its own (a teacher network called from
+    it): no site is applied to them and they are not counted (nothing happens without a placement)."""
+    p = getattr(model, ATTR, None)
+    mode = p._mode if isinstance(p, Placement) else None
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
+@contextlib.contextmanager
+def root_call(model: nn.Module) -> Iterator[None]:
+    """Around ``model``'s own forward code, for frameworks that call ``model.forward(x)`` rather than
+    ``model(x)`` (OpenGait's inference), which skips the module's hooks: the root's placement hooks run
+    here instead. Inside a normal call (the hooks ran) it does nothing."""
+    p = getattr(model, ATTR, None)
+    if not isinstance(p, Placement) or p._mode is not None:
+        yield
+        return
+    name = _module_names(model)[id(model)]
+    p._enter(name, True, model, ())
+    try:
+        yield
+    finally:
+        p._leave({}, True, model, (), None)
 
 
 def install_placement(model: nn.Module, plan: Plan, spec: QuantizerSpec) -> Placement:
