@@ -86,4 +86,7 @@ def float_ops_line(found: List[Dict[str, Any]]) -> str:
     """One line for the export commands: each float op with its count and reason, or ``none``."""
     if not found:
         return "none"
-    return "; ".join(f"{f['op']} x{f['count']} ({f['reason']})" for f in found)
+    by_reason: Dict[str, List[str]] = {}
+    for f in found:
+        by_reason.setdefault(f["reason"], []).append(f"{f['op']} x{f['count']}")
+    return "; ".join(f"{', '.join(ops)} ({why})" for why, ops in by_reason.items())

@@ -109,6 +109,15 @@ class Runner:
         return self._run(*inputs)
 
 
+def openvino_default_precision() -> str:
+    """The precision OpenVINO's CPU plugin computes a float model in when nobody asks for one
+    (``bf16`` on CPUs with AVX-512 BF16 or AMX, else ``f32``): what a user who does not quantize gets."""
+    ov = _openvino()
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    name = str(getattr(hint, "get_type_name", lambda: hint)())
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)
+
+
 def open_runtime(runtime: str, path: str, threads: int, fp32: bool = False,
                  static_shapes: Optional[Sequence[Sequence[int]]] = None) -> Runner:
     """``path`` compiled for ``runtime`` (``"ort"`` or ``"openvino"``) on the CPU with ``threads`` threads.
