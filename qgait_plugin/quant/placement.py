@@ -80,6 +80,9 @@ REQUANTIZE_BEFORE_LAYER = ("squeeze", "unsqueeze", "select", "__getitem__", "spl
 #: dtype conversions: their output is the same value for the plan (a site goes to what made it)
 CONVERSIONS = ("double", "float", "to", "half", "bfloat16", "type_as", "type")
 
+#: how a group's reason names the conv whose output it quantizes
+OUTPUT_OF = "output of "
+
 #: the name of the placement submodule a model gets
 ATTR = "qgait_placement"
 
@@ -435,7 +438,7 @@ class _Planner:
                                 tr.nodes[made].func in REQUANTIZE_BEFORE_LAYER:
                             self.sited[acts[0]] = g
                 if n.rule == "conv" and layer.weight_quant.enabled:
-                    self.site(self.absorb(n.outputs[0], ("bn", "relu")), None, f"output of {n.module}")
+                    self.site(self.absorb(n.outputs[0], ("bn", "relu")), None, f"{OUTPUT_OF}{n.module}")
             elif n.rule == "add" and len(acts) == 2 and len(n.outputs) == 1:
                 if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
                     for v in acts:
@@ -577,6 +580,11 @@ class Placement(nn.Module):
                     object.__setattr__(layer, "act_quant", q)
                 layer.qgait_input_quantized = True
             qs.append(q)
+        for grp, q in zip(self.groups, qs):  # a conv's output quantizer, for its runtime-exact eval (quant/bias.py)
+            for reason in grp.reasons:
+                layer = mods.get(reason[len(OUTPUT_OF):]) if reason.startswith(OUTPUT_OF) else None
+                if isinstance(layer, QuantLayerMixin):
+                    object.__setattr__(layer, "qgait_output_quant", q)
         self._resolved[:] = qs
         self._op_sites.clear()
         for grp, q in zip(self.groups, qs):
@@ -660,6 +668,7 @@ def remove(model: nn.Module) -> None:
                 if isinstance(h, functools.partial) and getattr(h.func, "__self__", None) is p:
                     del hooks[k]
         m.__dict__.pop("qgait_input_quantized", None)
+        m.__dict__.pop("qgait_output_quant", None)
     delattr(model, ATTR)
 
 
