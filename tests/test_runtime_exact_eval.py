@@ -4,6 +4,12 @@ A conv + BatchNorm (+ ReLU) whose output the dataflow placement quantizes is req
 onnxruntime's QLinearConv does after the exporter folded the BatchNorm (float32 folded step and
 int32 bias, multiplier fp32(s_x * s_w / s_y), round half to even), so near-tie values that used to
 round differently in float and integer arithmetic, and move every later layer, now agree.
+
+Measured on the GaitBase-size network (64-128-256-512, [1, 4, 4, 1], 8 frames, W4A4; too slow for
+the suite): cosine 0.99951 / 0.99946 / 0.99911 before, 1.0 / 1.0 / 0.9999999 after. On the narrower
+network here the conv requantization alone changes nothing (W4A4 0.9999967 on one sequence either
+way; what is left is not the convs', see the module's floor), so this test guards the path rather
+than reproducing the old failure.
 """
 import copy
 
