@@ -31,6 +31,7 @@ from .atomic import write_atomic
 from .compat import load_weights_only
 from .errors import ConfigError, DamagedFile, QGaitError
 from .quant.convert import iter_quantizers
+from .quant.placement import ATTR as PLACEMENT_ATTR
 
 
 class CheckpointError(QGaitError):
@@ -152,7 +153,8 @@ def load_float_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     checkpoint (it holds quantizer state): the teacher built from it would not be full precision.
     """
     sd = unwrap_state_dict(state_dict, set(model.state_dict()))
-    quant_prefixes = tuple(f"{name}." for name, _ in iter_quantizers(model))
+    # the quantizers' own keys, and the dataflow placement's plan (its extra state)
+    quant_prefixes = tuple(f"{name}." for name, _ in iter_quantizers(model)) + (f"{PLACEMENT_ATTR}.",)
     quantized = [k for k in sd if quant_prefixes and k.startswith(quant_prefixes)]
     if quantized:
         # it would load (same config), but the student would not start from FP weights and the IDD/KD

@@ -261,28 +261,37 @@ def _step_lr_scale(d: Mapping[str, Any], path: str) -> float:
     return v
 
 
+#: Where the quantizers between layers go (``quant.residual.placement``).
+PLACEMENTS = ("dataflow", "registry")
+
+
 @dataclass(frozen=True)
 class ResidualQuantConfig:
-    """Quantizers on the tensors a residual block adds (``quant.residual``).
+    """Quantizers on the tensors between layers: around adds, concats, pools (``quant.residual``).
 
-    With ``enabled`` (the default) every residual block that has a block handler quantizes its
-    input once for both paths, the residual branch's output and the projection shortcut's output
-    (``bits``-wide signed grids), and the last such block its ReLU'd output: exactly the tensors
-    the integer ONNX graph quantizes around its adds, so what is deployed is what was trained.
-    ``enabled: false`` keeps the layer-input quantizers only (checkpoints trained that way load).
+    ``placement: dataflow`` (the default): the hosts run the model once on example inputs and place
+    them from its dataflow (:mod:`qgait_plugin.quant.placement`), whatever its classes, so every conv,
+    add and concat gets the quantized tensors an integer runtime needs. ``placement: registry``: only
+    residual blocks that have a block handler get them (their input once for both paths, the branch's
+    and the projection's outputs, ``bits``-wide signed grids), as checkpoints trained before dataflow
+    placement hold them; such a checkpoint loads that way whatever this key says. New quantizers are
+    ``bits`` wide. ``enabled: false`` keeps the layer-input quantizers only (checkpoints trained that
+    way load).
     """
 
     enabled: bool = True
     bits: int = 8
+    placement: str = "dataflow"
 
     @classmethod
     def from_dict(cls, d: Any, path: str = "quant.residual") -> ResidualQuantConfig:
-        d = _check_keys(d, path, ("enabled", "bits"))
+        d = _check_keys(d, path, ("enabled", "bits", "placement"))
         bits = _bits(d, "bits", path, cls.bits)
         if bits >= FP_BITS:
             raise ConfigError(f"{path}.bits: {bits!r} is not allowed here; choose 2..8 (turn the residual "
                               "quantizers off with enabled: false)")
-        return cls(enabled=_get(d, "enabled", path, (bool,), cls.enabled), bits=bits)
+        return cls(enabled=_get(d, "enabled", path, (bool,), cls.enabled), bits=bits,
+                   placement=_choice(d, "placement", path, PLACEMENTS, cls.placement))
 
 
 #: How post-training calibration sets activation steps (``quant.calibrate.estimator``).

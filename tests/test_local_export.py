@@ -55,7 +55,7 @@ def test_export_trained_qat_checkpoint(trained, tmp_path):
     assert res["optimized_ops"].get("com.microsoft:QLinearAdd", 0) >= 1
     # the packed file restores a model that computes the same embeddings as the checkpoint
     model = quantize_model(build_model(cfg["model_cfg"]), cfg["quant"])
-    load_packed(model, str(tmp_path / "q.qgpk")).eval()
+    load_packed(model, str(tmp_path / "q.qgpk"), cfg["quant"]).eval()  # re-placed as the file's model
     tr = Trainer(cfg, progress=False)
     tr.restore(0, strict=True, save_name="q")
     x = (torch.rand(1, 5, 16, 11) > 0.5).float()

@@ -10,8 +10,10 @@ Each is exported as FP32 (BatchNorm folded by the exporter) and quantized at W8A
 (calibrated on binary frames in training mode, then exported through :mod:`qgait_plugin.export`);
 each file is timed in each runtime at 1 and 2 threads, ``--runs`` timed runs after ``--warmup``
 untimed ones, the precisions interleaved run by run so a drifting machine hits them alike.
-OpenVINO runs the FP32 file with ``INFERENCE_PRECISION_HINT=f32`` (it would pick bf16 on CPUs with
-AVX-512 BF16/AMX). Also reported: file sizes (FP32 ONNX, int8 ONNX, the packed 4-bit file),
+OpenVINO runs the FP32 file twice, in the same interleaved loop: with ``INFERENCE_PRECISION_HINT=f32``
+(``FP32 (f32 hint)``) and at its default precision (``FP, OpenVINO default (bf16)`` on CPUs with
+AVX-512 BF16/AMX, f32 elsewhere), the FP baseline a user who does not quantize gets. Also reported:
+file sizes (FP32 ONNX, int8 ONNX, the packed 4-bit file),
 onnxruntime's optimized-graph op counts, the int8 files' agreement with PyTorch (cosine), the CPU's
 instruction sets and the runtime versions. Prints a Markdown table and writes it with a JSON file.
 """
@@ -88,13 +90,24 @@ def build_models(spec: Dict[str, Any], calib: torch.Tensor, bits: Sequence[int] 
             fp(chunk)
     out: Dict[str, nn.Module] = {"fp32": Embeddings(fp).eval()}
     for b in bits:
-        q = quantize_model(copy.deepcopy(fp), {"weight": {"bits": b}, "act": {"bits": b}})
+        # quantizers between layers placed from the dataflow, as the hosts place them
+        q = quantize_model(copy.deepcopy(fp), {"weight": {"bits": b}, "act": {"bits": b}}, example_inputs=calib[:1])
         q.train()
         with torch.no_grad():
             for chunk in calib.split(2):
                 q(chunk)
         out[f"w{b}a{b}"] = Embeddings(q).eval()
     return out
+
+
+#: the latency key of the FP32 file run at OpenVINO's default precision (bf16 on CPUs with AVX-512 BF16/AMX)
+FP_DEFAULT = "fp_default"
+
+
+def _label(prec: str, net: Dict[str, Any]) -> str:
+    if prec == FP_DEFAULT:
+        return f"FP, OpenVINO default ({net.get('openvino_default_precision', '?')})"
+    return "FP32 (f32 hint)" if prec == "fp32" else prec.upper()
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -107,7 +120,13 @@ def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], th
     from ..export.deploy import IO_NAMES
     from ..export.onnx_export import export_float_onnx, export_onnx
     from ..export.packed import save_packed
-    from ..export.runtime import latency_stats, open_runtime, optimized_graph_ops, time_interleaved
+    from ..export.runtime import (
+        latency_stats,
+        open_runtime,
+        openvino_default_precision,
+        optimized_graph_ops,
+        time_interleaved,
+    )
 
     x = binary_frames(1, spec["frames"], spec["height"], spec["width"], seed=1)
     calib = binary_frames(4, spec["frames"], spec["height"], spec["width"], seed=2)
@@ -141,6 +160,9 @@ def measure_network(name: str, spec: Dict[str, Any], runtimes: Sequence[str], th
     for rt in runtimes:
         for th in threads:
             runners = {p: open_runtime(rt, f, th, fp32=p == "fp32", static_shapes=[xs.shape]) for p, f in files.items()}
+            if rt == "openvino":  # the FP baseline of a user who does not quantize: OpenVINO's own precision
+                runners[FP_DEFAULT] = open_runtime(rt, files["fp32"], th, fp32=False, static_shapes=[xs.shape])
+                res["openvino_default_precision"] = openvino_default_precision()
             log(f"[bench] {name}: timing {rt}, {th} thread(s), {runs} runs each")
             times = time_interleaved({p: functools.partial(r.run, xs) for p, r in runners.items()}, runs, warmup)
             res["latency"][f"{rt}/{th}"] = {p: latency_stats(t) for p, t in times.items()}
@@ -193,7 +215,7 @@ def format_tables(res: Dict[str, Any]) -> str:
             rt, th = key.split("/")
             base = lat["fp32"]["median_ms"]
             for prec, st in lat.items():
-                lines.append(f"| {'OpenVINO' if rt == 'openvino' else 'onnxruntime'} | {th} | {prec.upper()} | "
+                lines.append(f"| {'OpenVINO' if rt == 'openvino' else 'onnxruntime'} | {th} | {_label(prec, net)} | "
                              f"{st['median_ms']:.1f} | {st['q1_ms']:.1f}-{st['q3_ms']:.1f} | "
                              f"{st['min_ms']:.1f}-{st['max_ms']:.1f} | {base / st['median_ms']:.2f} |")
         b = net["bytes"]

@@ -1,7 +1,8 @@
 """Per-step cost of a converted model against its float original (forward + backward, same batch).
 
 Run: ``qgait bench overhead`` (or ``python -m qgait_plugin.bench.overhead``). Prints a table of
-median milliseconds per step for FP, W8A8 and W4A4 under STE and soft rounding.
+median milliseconds per step for FP, W8A8 and W4A4 under STE and soft rounding, with the quantizers
+between layers placed as before (layer inputs and registered blocks) and from the dataflow (``_dataflow``).
 """
 from __future__ import annotations
 
@@ -53,10 +54,13 @@ def measure(frames: int = 128, height: int = 32, width: int = 22, steps: int = 1
     fp = gait_conv_stack().to(device)
     results = {"fp32": time_steps(fp, x, steps)}
     for bits in (8, 4):
-        q = quantize_model(copy.deepcopy(fp), {"weight": {"bits": bits}, "act": {"bits": bits}})
-        for mode in ("ste", "soft"):
-            set_rounding(q, mode)
-            results[f"w{bits}a{bits}_{mode}"] = time_steps(q, x, steps)
+        # registry: layer quantizers only on this stack (it has no residual block); dataflow: placed from a
+        # run on x, as the hosts place them (a quantizer on every tensor between layers)
+        for placement, ex in (("", None), ("_dataflow", x[:1])):
+            q = quantize_model(copy.deepcopy(fp), {"weight": {"bits": bits}, "act": {"bits": bits}}, example_inputs=ex)
+            for mode in ("ste", "soft"):
+                set_rounding(q, mode)
+                results[f"w{bits}a{bits}_{mode}{placement}"] = time_steps(q, x, steps)
     return results
 
 

@@ -49,14 +49,17 @@ def export_and_check(model: nn.Module, example: torch.Tensor, out: str, checks: 
     its quantizers removed). ``runs = 0`` skips the timing. Returns sizes, op counts (file and
     onnxruntime's optimized graph), incomplete integer patterns, cosines and latencies.
     """
+    from .float_ops import float_ops
     from .onnx_export import export_float_onnx, export_onnx
-    from .runtime import latency_stats, open_runtime, optimized_graph_ops, time_interleaved
+    from .passes import op_counts
+    from .runtime import latency_stats, open_runtime, optimized_graph, optimized_graph_ops, time_interleaved
 
     model = model.eval()
     info = export_onnx(model, (example,), out, **IO_NAMES)
+    graph = optimized_graph(out)
     res: Dict[str, Any] = {"onnx": out, "onnx_bytes": info["bytes"], "integer_weights": info["integer_weights"],
-                           "ops": info["ops"], "problems": info["problems"], "optimized_ops": optimized_graph_ops(out),
-                           "runtime": runtime, "threads": threads}
+                           "ops": info["ops"], "problems": info["problems"], "optimized_ops": op_counts(graph.node),
+                           "float_ops": float_ops(graph), "runtime": runtime, "threads": threads}
     runner = open_runtime(runtime, out, threads)
     cos = cosines(runner, model, list(checks) or [example])
     res.update(cosines=cos, cosine_min=min(cos))
@@ -78,6 +81,8 @@ def export_and_check(model: nn.Module, example: torch.Tensor, out: str, checks: 
 
 def print_summary(res: Dict[str, Any]) -> None:
     """The lines both export commands print."""
+    from .float_ops import float_ops_line
+
     print(f"ONNX (integer graph, {res['integer_weights']} int8 weight tensors): {res['onnx']}  "
           f"{res['onnx_bytes']:,} bytes ({res['fp32_bytes'] / res['onnx_bytes']:.2f}x smaller than FP32 ONNX "
           f"{res['fp32_bytes']:,})")
@@ -87,6 +92,8 @@ def print_summary(res: Dict[str, Any]) -> None:
     integer = {k: v for k, v in opt.items() if "QLinear" in k or "Integer" in k}
     floats = {k: v for k, v in opt.items() if k.split(":")[-1] in ("Conv", "MatMul", "Gemm")}
     print(f"onnxruntime's optimized graph: {integer or 'no integer op'}; float Conv/MatMul left: {floats or 'none'}")
+    if "float_ops" in res:
+        print(f"stays float: {float_ops_line(res['float_ops'])}")
     if res["problems"]:
         print(f"incomplete integer patterns ({len(res['problems'])}): " + "; ".join(res["problems"][:5]))
     rt = "OpenVINO" if res["runtime"] == "openvino" else "onnxruntime"

@@ -70,13 +70,24 @@ def save_packed(model: nn.Module, path: str) -> int:
 
 
 @torch.no_grad()
-def load_packed(model: nn.Module, path: str) -> nn.Module:
+def load_packed(model: nn.Module, path: str, config: Any = None) -> nn.Module:
     """Load a packed checkpoint into ``model``, converted with the same ``quant:`` section.
 
-    A damaged file (CRC), another format or other layers are a :class:`CheckpointError` naming ``path``."""
+    When the file's quantizers between layers were placed otherwise than ``model``'s (dataflow
+    placement against the block registry, or another plan), ``model`` is converted again to match
+    given the ``quant:`` section ``config``, and refused without it. A damaged file (CRC), another
+    format or other layers are a :class:`CheckpointError` naming ``path``."""
+    from ..quant.convert import checkpoint_placement, model_placement, requantize_for, same_placement
+
     blob = read_checkpoint(path, "packed file")
     if blob.get("format") != FORMAT:
         raise PackedError(f"{path}: not a {FORMAT} file (format {blob.get('format')!r})")
+    want, have = checkpoint_placement(blob["state"]), model_placement(model)
+    if want is not None and have is not None and not same_placement(want, have):
+        if config is None:
+            raise PackedError(f"{path}: its quantizers between layers are placed otherwise than the model's; pass "
+                              "the quant: section (load_packed(model, path, config)) to convert the model to match")
+        requantize_for(model, config, blob["state"])
     model.load_state_dict(blob["state"], strict=False)
     layers = _quantized_layers(model)
     missing = sorted(set(layers) - set(blob["layers"]))

@@ -67,6 +67,8 @@ def cpu_session(path: str, threads: int, optimized_model: Optional[str] = None) 
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if optimized_model:
         opts.optimized_model_filepath = optimized_model
+        # onnxruntime warns that a graph optimized this far is for this machine only: we only read it
+        opts.log_severity_level = 3
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -78,17 +80,22 @@ def run_session(sess: Any, *inputs: np.ndarray) -> List[np.ndarray]:
     return sess.run(None, dict(zip(names, inputs)))
 
 
-def optimized_graph_ops(path: str, threads: int = 1) -> Dict[str, int]:
-    """Op counts of the graph onnxruntime runs for ``path`` (``ORT_ENABLE_ALL``): fused integer ops
-    show up as ``QLinearConv``, ``com.microsoft:QLinearAdd``, ``com.microsoft:MatMulIntegerToFloat``."""
+def optimized_graph(path: str, threads: int = 1) -> Any:
+    """The graph (``onnx.GraphProto``) onnxruntime runs for ``path`` (``ORT_ENABLE_ALL``)."""
     import onnx
-
-    from .passes import op_counts
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "optimized.onnx")
         cpu_session(path, threads, optimized_model=out)
-        return op_counts(onnx.load(out).graph.node)
+        return onnx.load(out).graph
+
+
+def optimized_graph_ops(path: str, threads: int = 1) -> Dict[str, int]:
+    """Op counts of the graph onnxruntime runs for ``path`` (``ORT_ENABLE_ALL``): fused integer ops
+    show up as ``QLinearConv``, ``com.microsoft:QLinearAdd``, ``com.microsoft:MatMulIntegerToFloat``."""
+    from .passes import op_counts
+
+    return op_counts(optimized_graph(path, threads).node)
 
 
 class Runner:
@@ -100,6 +107,15 @@ class Runner:
 
     def run(self, *inputs: np.ndarray) -> List[np.ndarray]:
         return self._run(*inputs)
+
+
+def openvino_default_precision() -> str:
+    """The precision OpenVINO's CPU plugin computes a float model in when nobody asks for one
+    (``bf16`` on CPUs with AVX-512 BF16 or AMX, else ``f32``): what a user who does not quantize gets."""
+    ov = _openvino()
+    hint = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    name = str(getattr(hint, "get_type_name", lambda: hint)())
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(name, name)
 
 
 def open_runtime(runtime: str, path: str, threads: int, fp32: bool = False,

@@ -113,18 +113,32 @@ def _write_text(path: Path, text: str) -> None:
     write_atomic(str(path), write)
 
 
+#: below this FP32 latency (ms a sequence) a network is too small for its speed ratio to mean much:
+#: per-op overhead and timer noise are a large share of it
+SMALL_NETWORK_MS = 10.0
+
+
 def format_deploy_table(report: Dict[str, Any], threads: int) -> str:
-    """Markdown: per method, file sizes, onnxruntime latency against the FP32 export, agreement."""
+    """Markdown: per method, file sizes, the int8 and FP32 latency of the same network (timed
+    interleaved in one loop, so the ratio is the columns'), agreement and rank-1."""
     from ..export.runtime import cpu_flags_line
 
     lines = [f"Deployed (onnxruntime, {threads} thread(s), one sequence; {cpu_flags_line()})", "",
-             "| method | ONNX bytes | packed bytes | ms / sequence | x FP32 speed (same network) | cosine vs PyTorch | "
-             "rank-1 mean PyTorch / onnxruntime |", "|---|---:|---:|---:|---:|---:|---|"]
+             "| method | ONNX bytes | packed bytes | int8 ms | FP32 ms (same network) | x FP32 speed | "
+             "cosine vs PyTorch | rank-1 mean PyTorch / onnxruntime |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    fp_ms = []
     for name, e in report.items():
-        ms = e["latency"]["int8"]["median_ms"]
-        speed = e.get("speedup", 1.0)
-        packed = f"{e['packed_bytes']:,}" if "packed_bytes" in e else "-"
-        lines.append(f"| {name} | {e['onnx_bytes']:,} | {packed} | {ms:.2f} | {speed:.2f} | {e['cosine_min']:.6f} | "
-                     f"{e['rank1_torch'].get('mean', float('nan')):.1f} / "
+        lat = e["latency"]
+        quantized = "packed_bytes" in e
+        int8 = f"{lat['int8']['median_ms']:.2f}" if quantized else "-"
+        fp_ms.append(lat["fp32"]["median_ms"])
+        speed = f"{e['speedup']:.2f}" if quantized else "1.00"
+        packed = f"{e['packed_bytes']:,}" if quantized else "-"
+        lines.append(f"| {name} | {e['onnx_bytes']:,} | {packed} | {int8} | {lat['fp32']['median_ms']:.2f} | {speed} | "
+                     f"{e['cosine_min']:.6f} | {e['rank1_torch'].get('mean', float('nan')):.1f} / "
                      f"{e['rank1_runtime'].get('mean', float('nan')):.1f} |")
+    if fp_ms and max(fp_ms) < SMALL_NETWORK_MS:
+        lines += ["", f"These networks take under {SMALL_NETWORK_MS:g} ms a sequence in FP32: too small for the speed "
+                      "ratio to mean much (per-op overhead and timer noise are a large share of it). "
+                      "`qgait bench export` times GaitBase-size networks."]
     return "\n".join(lines)

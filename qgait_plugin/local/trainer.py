@@ -85,6 +85,15 @@ def checkpoint_files(ck_dir: str, save_name: str) -> List[str]:
     return [f for _, f in sorted(found)]
 
 
+def example_batch(cfg: Dict[str, Any]) -> torch.Tensor:
+    """One batch ``[1, frames, h, w]`` of binary silhouettes of the configured shape, for the trace
+    that places the quantizers (drawn from its own generator: the run's random state is untouched)."""
+    h, w = cfg["data_cfg"]["resolution"]
+    frames = int(cfg["trainer_cfg"]["sampler"].get("frames_num_fixed") or 30)
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(1, frames, int(h), int(w), generator=g) > 0.5).float()
+
+
 class Trainer:
     """Build everything a run needs from a checked config (see :mod:`qgait_plugin.local.config`)."""
 
@@ -107,13 +116,17 @@ class Trainer:
         self.model = build_model(cfg["model_cfg"])
         self.fp_state: Optional[Dict[str, torch.Tensor]] = None
         if self.quant is not None:
-            from ..quant.convert import quantize_model
+            from ..quant.convert import quantize_for
             from .model import register_quant_handlers
 
             register_quant_handlers()
-            quantize_model(self.model, self.quant)
+            # quantizers placed from the model's dataflow on an example batch; a checkpoint placed
+            # otherwise (trained before dataflow placement) re-converts the model when it is restored
+            quantize_for(self.model, self.quant, example_inputs=example_batch(cfg))
         self.model.to(self.device)
         self.iteration = 0
+        #: whether the last restore re-converted the model to the checkpoint's placement
+        self._requantized = False
         #: the checkpoint file the model was last loaded from (None: not loaded from one)
         self.checkpoint: Optional[str] = None
         #: the last checkpoint this run wrote
@@ -144,6 +157,10 @@ class Trainer:
         self.schedule = None
         if t["restore_hint"] in (0, None):
             self._check_fresh_run(bool(t.get("overwrite", False)))
+        if self.quant is not None and t["restore_hint"] not in (0, None):
+            # before the teacher and the optimizer are built over the quantizers' parameters
+            path = self.resolve(t["restore_hint"], source="trainer_cfg.restore_hint")
+            self._match_placement(read_checkpoint(path, "trainer_cfg.restore_hint"))
         if self.quant is not None and t["restore_hint"] in (0, None):
             if not self.quant.init_from:
                 raise ConfigError("quant.init_from: QAT starts from a full-precision checkpoint; give its path")
@@ -192,6 +209,7 @@ class Trainer:
         hint = t["restore_hint"]
         if hint not in (0, None):
             self.restore(hint, strict=t.get("restore_ckpt_strict", True), source="trainer_cfg.restore_hint")
+            assert not self._requantized, "the placement was matched before the optimizer was built"
 
     def train_seqs(self):
         if self._train_seqs is None:
@@ -267,6 +285,15 @@ class Trainer:
             hint = max(its)
         return checkpoint_path(output_dir(self.cfg, name), name, int(hint))
 
+    def _match_placement(self, ck: Dict[str, Any]) -> bool:
+        """Re-convert the model when the checkpoint ``ck`` placed its quantizers otherwise (one trained
+        before dataflow placement, or from another example batch), so that it loads; True when it did."""
+        if self.quant is None:
+            return False
+        from ..quant.convert import requantize_for
+
+        return requantize_for(self.model, self.quant, unwrap_state_dict(ck, set(self.model.state_dict())))
+
     def restore(self, hint: Any, strict: bool = True, save_name: Optional[str] = None,
                 source: str = "restore_hint") -> None:
         """Load model (+ optimizer, scheduler, iteration, schedule, RNGs when present and training).
@@ -277,6 +304,7 @@ class Trainer:
             print(f"{source}: reading checkpoint {path}", flush=True)
         ck = read_checkpoint(path, source)
         where = f"{source}: {path!r}"
+        self._requantized = self._match_placement(ck)
         model_keys = set(self.model.state_dict())
         sd = unwrap_state_dict(ck, model_keys)
         try:

@@ -58,10 +58,13 @@ class OpenGaitEmbeddings(nn.Module):
         return self.model(inputs)["inference_feat"]["embeddings"]
 
 
-def build_network(og: Any, cfgs: Dict[str, Any]) -> nn.Module:
-    """The model class of ``cfgs`` with its network built, initialised and converted (``cfgs['quant']``)."""
+def build_network(og: Any, cfgs: Dict[str, Any], state_dict: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """The model class of ``cfgs`` with its network built, initialised and converted (``cfgs['quant']``)
+    so that ``state_dict`` (the checkpoint it will load, if any) fits: with the placement the checkpoint
+    records, else placed from the dataflow on an example input."""
     from ..config import QuantConfig
-    from ..quant.convert import quantize_model
+    from ..quant.convert import quantize_for
+    from .quant_model import example_inputs
 
     name = cfgs["model_cfg"]["model"]
     cls = getattr(og.models, name, None)
@@ -74,7 +77,7 @@ def build_network(og: Any, cfgs: Dict[str, Any]) -> nn.Module:
     model.training = False
     model.build_network(cfgs["model_cfg"])
     model.init_parameters()
-    quantize_model(model, QuantConfig.from_dict(cfgs["quant"]))
+    quantize_for(model, QuantConfig.from_dict(cfgs["quant"]), state_dict, example_inputs(cfgs))
     return model.eval()
 
 
@@ -92,13 +95,19 @@ def checkpoint_path(cfgs: Dict[str, Any], workdir: Path, iteration: int = 0) -> 
                "checkpoints" / f"{save}-{hint:05d}.pt")
 
 
-def load_network_state(model: nn.Module, path: str) -> None:
-    """Load a QAT checkpoint into ``model`` strictly (plugin state aside); a mismatch is a clear error."""
+def network_state(path: str) -> Dict[str, Any]:
+    """The network's entries of the QAT checkpoint at ``path`` (plugin state aside)."""
     from ..checkpoint import read_checkpoint, unwrap_state_dict
 
+    return {k: v for k, v in unwrap_state_dict(read_checkpoint(path, "evaluator_cfg.restore_hint"), set()).items()
+            if not k.startswith(_NOT_NETWORK)}
+
+
+def load_network_state(model: nn.Module, path: str, state_dict: Optional[Dict[str, Any]] = None) -> None:
+    """Load a QAT checkpoint (``state_dict``, read from ``path`` when not given) into ``model`` strictly
+    (plugin state aside); a mismatch is a clear error."""
     keys = set(model.state_dict())
-    sd = {k: v for k, v in unwrap_state_dict(read_checkpoint(path, "evaluator_cfg.restore_hint"), keys).items()
-          if not k.startswith(_NOT_NETWORK)}
+    sd = state_dict if state_dict is not None else network_state(path)
     try:
         model.load_state_dict(sd, strict=True)
     except (RuntimeError, ValueError) as e:
@@ -171,8 +180,9 @@ def export_opengait(cfg_path: str, out: str, root: Optional[str] = None, packed:
         raise ConfigError(f"evaluator_cfg.restore_hint: checkpoint {ckpt} does not exist (train first, set "
                           "restore_hint/save_name, or pass --iter / --workdir)")
     torch.manual_seed(0)
-    model = build_network(og, cfgs)
-    load_network_state(model, ckpt)
+    sd = network_state(ckpt)
+    model = build_network(og, cfgs, sd)
+    load_network_state(model, ckpt, sd)
     head = OpenGaitEmbeddings(model).eval()
     seqs = check_sequences(cfgs, checks)
     res = export_and_check(head, seqs[0], out, checks=seqs, runtime=runtime, threads=threads, runs=runs)

@@ -4,8 +4,10 @@
 the same name. A config without a ``quant:`` section runs exactly as before: every override then
 just calls the original. With ``quant:``, along OpenGait's ``BaseModel`` life cycle:
 
-* ``build_network``: converts the network (``quantize_model``) right after it is built, and adds
-  the IDD loss to ``loss_cfg`` when IDD is on and the config does not declare it;
+* ``build_network``: converts the network right after it is built, with the quantizers between
+  layers placed from its dataflow on an example input (:func:`example_inputs`), or as the checkpoint
+  ``restore_hint`` names placed them (one trained before dataflow placement keeps its block-registry
+  quantizers), and adds the IDD loss to ``loss_cfg`` when IDD is on and the config does not declare it;
 * ``init_parameters``: after OpenGait re-initialises every layer, loads ``quant.init_from``
   (strict except for quantizer keys) and builds the FP teacher from the same weights; the teacher
   is kept outside ``state_dict``, the optimizer and DDP; ``idd.params: quantizers`` freezes
@@ -28,20 +30,48 @@ across ranks there (``qgait_plugin.quant.quantizer``), so every DDP rank starts 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+import os
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..checkpoint import load_float_state_dict, read_checkpoint
+from ..checkpoint import load_float_state_dict, read_checkpoint, unwrap_state_dict
 from ..config import QuantConfig
 from ..errors import ConfigError, NonFiniteError
 from ..param_groups import qat_param_groups
-from ..quant.convert import iter_quantizers, quantize_model
+from ..quant.convert import dequantize_model, iter_quantizers, quantize_for, quantize_model
+from ..quant.placement import paused, root_call
 from ..schedule import QGaitSchedule
 from ..teacher import attach_teacher, get_teacher, make_teacher
 from .idd_loss import add_idd_loss, idd_log_prefix
 from .run_context import RunContext
+
+
+def example_inputs(cfgs: Dict[str, Any]) -> Tuple[Any, ...]:
+    """One input of OpenGait's form, ``([sils [1, frames, 64, 44]], labels, types, views, seqL=None)``,
+    for the trace that places the quantizers: ``frames`` from ``trainer_cfg.sampler.frames_num_fixed``
+    (30 without it), binary silhouettes from a generator of their own (the run's random state is untouched)."""
+    sampler = (cfgs.get("trainer_cfg") or {}).get("sampler") or {}
+    frames = int(sampler.get("frames_num_fixed") or 30)
+    g = torch.Generator().manual_seed(0)
+    sils = (torch.rand(1, frames, 64, 44, generator=g) > 0.5).float()
+    return (([sils], torch.zeros(1, dtype=torch.long), ["nm-01"], ["000"], None),)
+
+
+def restore_state_dict(engine_cfg: Dict[str, Any], save_path: str) -> Optional[Dict[str, Any]]:
+    """The model state dict of the checkpoint OpenGait's ``resume_ckpt`` will load for ``engine_cfg``'s
+    ``restore_hint`` (``None`` for a fresh run or a file that is not there: OpenGait then says so itself)."""
+    hint = engine_cfg.get("restore_hint", 0)
+    if isinstance(hint, bool) or not hint:
+        return None
+    if isinstance(hint, int):
+        path = os.path.join(save_path, "checkpoints", f"{engine_cfg['save_name']}-{hint:05d}.pt")
+    else:
+        path = str(hint)
+    if not os.path.isfile(path):
+        return None
+    return unwrap_state_dict(read_checkpoint(path, "restore_hint"), set())
 
 
 class PluginState(nn.Module):
@@ -124,7 +154,20 @@ class QuantAwareModel(_BaseModel):
             return
         qcfg = QuantConfig.from_dict(self.cfgs["quant"])
         object.__setattr__(self, "_qgait_cfg", qcfg)
-        quantize_model(self, qcfg)
+        # the checkpoint restore_hint will load decides the placement (one trained before dataflow
+        # placement keeps its block-registry quantizers); a new run places from the dataflow
+        ck = restore_state_dict(getattr(self, "engine_cfg", None) or {}, getattr(self, "save_path", "."))
+        try:
+            quantize_for(self, qcfg, ck, example_inputs(self.cfgs))
+        except ConfigError:
+            raise
+        except Exception as e:  # the forward does not take the example input (another size, another form)
+            dequantize_model(self)
+            self.msg_mgr.log_warning(
+                f"qgait: the model did not run on the example input [1, frames, 64, 44] that places the quantizers "
+                f"from its dataflow ({type(e).__name__}: {' '.join(str(e).split())[:200]}); using the block "
+                "registry instead, as quant.residual.placement: registry does")
+            quantize_model(self, qcfg)
         n = sum(1 for _ in iter_quantizers(self)) // 2
         self.msg_mgr.log_info(f"qgait: quantized {n} layers of {type(self).__name__} "
                               f"(W{qcfg.weight.bits}A{qcfg.act.bits}, rounding {qcfg.rounding})")
@@ -170,13 +213,15 @@ class QuantAwareModel(_BaseModel):
         return type(opt)(qat_param_groups(self, "all", step_lr=step_lr), **opt.defaults)
 
     def forward(self, inputs: Any) -> Dict[str, Any]:
-        retval = super().forward(inputs)
+        with root_call(self):  # OpenGait's inference calls self.forward, which skips the module's hooks
+            retval = super().forward(inputs)
         teacher = get_teacher(self)
         if teacher is None or not self.training:
             return retval
         student = retval["inference_feat"]["embeddings"]
-        t_emb = teacher(inputs)["inference_feat"]["embeddings"]  # eval mode, no_grad, follows the device
-        retval["training_feat"][idd_log_prefix(self.cfgs)] = {"student": student, "teacher": t_emb.detach(),
+        with paused(self):  # the teacher's ops are not the student's: no quantizer site applies to them
+            t_emb = teacher(inputs)["inference_feat"]["embeddings"].detach()  # eval mode, no_grad, follows the device
+        retval["training_feat"][idd_log_prefix(self.cfgs)] = {"student": student, "teacher": t_emb,
                                                               "labels": inputs[1]}
         return retval
 

@@ -12,6 +12,12 @@ training BatchNorm uses batch statistics and the hook does nothing.
 
 The conv marks its output (``_qgait_conv``) in :class:`~qgait_plugin.quant.layers.QuantLayerMixin`;
 an export turns the hook off (:func:`disabled`), since the ONNX graph does the rounding itself.
+
+When the dataflow placement knows the quantizer of the conv's output (``qgait_output_quant``), the
+conv also hands over its exact integer accumulator (``_qgait_acc``) and the hook goes further
+(:func:`requantize_like_runtime`): it computes the whole requantization in the runtime's arithmetic
+(the exporter's float32 folded step and int32 bias, the multiplier ``fp32(s_x * s_w / s_y)``, round
+half to even), so the eval output is on the output grid exactly where the deployed model's is.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from torch import nn
 
 #: attribute a quantized conv sets on its eval-mode output, naming itself to the BatchNorm hook below
 CONV_MARK = "_qgait_conv"
+
+#: attribute a quantized conv sets on its eval-mode output when the placement gave it an output
+#: quantizer: its exact integer accumulator, from which the hook below requantizes as the runtime does
+ACC_MARK = "_qgait_acc"
 
 #: scale of an exact first-layer input: the loaders feed ``uint8 / 255``
 EXACT_INPUT_SCALE = 1.0 / 255.0
@@ -50,6 +60,10 @@ def round_folded_bias(bn: nn.Module, inputs: Any, output: torch.Tensor) -> Optio
     wq = conv.weight_quant
     if sx is None or not wq.enabled or not bool(wq.initialized):
         return None
+    acc = getattr(inputs[0], ACC_MARK, None)
+    out_q = getattr(conv, "qgait_output_quant", None)
+    if acc is not None and out_q is not None and out_q.enabled and bool(out_q.initialized):
+        return requantize_like_runtime(bn, conv, acc, sx, out_q).to(output.dtype)
     with torch.no_grad():
         g = torch.rsqrt(bn.running_var.double() + bn.eps)
         if bn.weight is not None:
@@ -62,6 +76,34 @@ def round_folded_bias(bn: nn.Module, inputs: Any, output: torch.Tensor) -> Optio
         unit = (sx * wq.effective_step().double().reshape(-1) * g.abs()).clamp_min(1e-30)
         shift = (torch.round(bias / unit) * unit - bias).to(output.dtype)
     return output + shift.reshape((1, -1) + (1,) * (output.dim() - 2))
+
+
+@torch.no_grad()
+def requantize_like_runtime(bn: Any, conv: Any, acc: torch.Tensor, sx: float, out_q: Any) -> torch.Tensor:
+    """The output of conv + ``bn`` (+ ReLU) on ``out_q``'s grid as an integer runtime computes it
+    (onnxruntime's QLinearConv after the exporter folded ``bn``): the folded step and the int32 bias
+    in the exporter's float32 arithmetic, the multiplier ``fp32(fp32(s_x * s_w) / s_y)``, then
+    ``round_half_even(fp32(fp32(acc + bias) * M))`` clamped to the grid. Returns ``q * s_y``, which
+    ``out_q`` maps back to ``q`` exactly, so near-tie values round as deployed."""
+    f32 = torch.float32
+    eps = float(torch.tensor(bn.eps, dtype=f32))  # ONNX stores BatchNormalization's epsilon as a float32
+    g = bn.running_var.double().add(eps).sqrt()
+    g = (bn.weight.double() if bn.weight is not None else torch.ones_like(g)) / g
+    step = conv.weight_quant.effective_step().double().reshape(-1).expand(g.shape[0])
+    new_step = (step * g.abs()).clamp_min(float(torch.finfo(f32).tiny)).to(f32)
+    bias = -bn.running_mean.double() * g
+    if bn.bias is not None:
+        bias = bn.bias.double() + bias
+    sb = torch.tensor(sx, dtype=f32) * new_step
+    bias_int = torch.round(bias.to(f32).double() / sb.double())
+    sign = torch.where(g < 0, -1.0, 1.0).double()
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    total = acc * sign.reshape(shape) + bias_int.reshape(shape)
+    ys = out_q.effective_step().reshape(-1)[0].to(f32)
+    mult = (sb / ys).to(f32)
+    v = total.to(f32) * mult.reshape(shape)
+    qmin, qmax = out_q.qrange_now()
+    return torch.round(v).clamp(qmin, qmax) * ys
 
 
 def install(model: nn.Module) -> None:

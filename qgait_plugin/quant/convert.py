@@ -5,7 +5,7 @@ quantization off (the teacher), list quantizers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -103,6 +103,72 @@ def quantize_model(model: nn.Module, config: QuantConfig | dict | None, example_
     return model
 
 
+#: what :func:`checkpoint_placement` says of a checkpoint with quantizers but no placement plan
+REGISTRY = "registry"
+
+
+def checkpoint_placement(state_dict: Mapping[str, Any]) -> Union[placement.Plan, str, None]:
+    """How the quantized model a state dict was saved from placed its quantizers between layers: its
+    :class:`~.placement.Plan` (dataflow placement), :data:`REGISTRY` (quantizers but no plan: trained
+    before dataflow placement, with ``quant.residual.placement: registry`` or without residual
+    quantizers) or ``None`` (no quantizer state: a full-precision checkpoint)."""
+    plan = placement.plan_from_state_dict(dict(state_dict))
+    if plan is not None:
+        return plan
+    if any(k.endswith(".scaled_log_step") for k in state_dict):
+        return REGISTRY
+    return None
+
+
+def model_placement(model: nn.Module) -> Union[placement.Plan, str, None]:
+    """:func:`checkpoint_placement` of a model as it is now (no state dict made)."""
+    p = getattr(model, placement.ATTR, None)
+    if isinstance(p, placement.Placement):
+        return p.plan
+    return REGISTRY if is_quantized(model) else None
+
+
+def quantize_for(model: nn.Module, config: QuantConfig | dict | None, state_dict: Optional[Mapping[str, Any]] = None,
+                 example_inputs: Any = None, forward_kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """:func:`quantize_model` as a host calls it: so that ``state_dict`` (the checkpoint the model will
+    load, if any) fits.
+
+    A checkpoint with a placement plan gives that plan (no trace); one with quantizers but no plan
+    (trained before dataflow placement) gives the block-registry placement it was trained with.
+    Otherwise (a new run, a full-precision checkpoint) ``quant.residual.placement`` decides:
+    ``dataflow`` places from a run on ``example_inputs`` (the block registry when there are none),
+    ``registry`` uses the block registry.
+    """
+    cfg = QuantConfig.from_dict(config) if not isinstance(config, QuantConfig) else config
+    found = checkpoint_placement(state_dict) if state_dict is not None else None
+    if isinstance(found, placement.Plan):
+        return quantize_model(model, cfg, plan=found)
+    if found == REGISTRY or cfg.residual.placement == REGISTRY:
+        return quantize_model(model, cfg)
+    return quantize_model(model, cfg, example_inputs=example_inputs, forward_kwargs=forward_kwargs)
+
+
+def requantize_for(model: nn.Module, config: QuantConfig | dict | None, state_dict: Mapping[str, Any]) -> bool:
+    """Convert ``model`` (already quantized) again when the checkpoint ``state_dict`` placed its
+    quantizers otherwise, so that it loads; True when it did. A full-precision state dict changes nothing.
+
+    Parameters of the quantizers change: call it before an optimizer is built over them."""
+    want = checkpoint_placement(state_dict)
+    have = model_placement(model)
+    if want is None or have is None or same_placement(want, have):
+        return False
+    dequantize_model(model)
+    quantize_for(model, config, state_dict)
+    return True
+
+
+def same_placement(a: Union[placement.Plan, str], b: Union[placement.Plan, str]) -> bool:
+    """Whether two :func:`checkpoint_placement` results describe the same quantizers."""
+    if isinstance(a, placement.Plan) and isinstance(b, placement.Plan):
+        return a.to_dict() == b.to_dict()
+    return a == b
+
+
 def _convert_weight_matmuls(model: nn.Module, cfg: QuantConfig, found: Sequence[Tuple[str, str]]) -> int:
     """Convert the modules the trace found multiplying by their own raw parameter (nobody registered
     them) like registered ``ParamMatmulHandler`` layers. Returns how many were converted."""
@@ -120,8 +186,10 @@ def _convert_weight_matmuls(model: nn.Module, cfg: QuantConfig, found: Sequence[
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`quantize_model` in place: float classes back, quantizers removed."""
-    placement.remove(model)
+    """Undo :func:`quantize_model` in place: float classes back, quantizers removed (also of a
+    quantized model held inside ``model``, e.g. by an export wrapper)."""
+    for m in [m for m in model.modules() if isinstance(getattr(m, placement.ATTR, None), placement.Placement)]:
+        placement.remove(m)
     dequantize_blocks(model)
     for m in model.modules():
         if isinstance(m, QuantLayerMixin):

@@ -6,14 +6,14 @@ keeps object identity, so modules held in lambdas or plain Python objects are co
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Tuple, Type
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..compat import functional_call
-from .bias import CONV_MARK
+from .bias import ACC_MARK, CONV_MARK
 from .quantizer import LSQQuantizer
 
 if TYPE_CHECKING:
@@ -60,11 +60,32 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
             # exact int32 accumulator (times the two steps), so near-tie values round as deployed
             b = self.bias.double() if self.bias is not None else None
             out = self._conv_forward(x.double(), w.double(), b).float()
+            acc = integer_accumulator(self, x, w)
         else:
             out = self._conv_forward(x, w, self.bias)
+            acc = None
         if not self.training:  # a BatchNorm right after puts the folded bias on its int32 grid (quant/bias.py)
             setattr(out, CONV_MARK, self)
+            if acc is not None:  # and, knowing the output's quantizer, requantizes as the runtime does
+                setattr(out, ACC_MARK, acc)
         return out
+
+
+def integer_accumulator(conv: Any, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """``sum(x_int * w_int)`` of an eval-mode quantized conv, exact in float64 (the runtime's int32
+    accumulator), for :func:`~qgait_plugin.quant.bias.round_folded_bias`; ``None`` when the conv has no
+    output quantizer from the placement to requantize to, or its input or weight is not on a grid."""
+    from .bias import input_scale
+
+    if getattr(conv, "qgait_output_quant", None) is None or conv.bias is not None:
+        return None
+    sx, wq = input_scale(conv), conv.weight_quant
+    if sx is None or not wq.enabled or not bool(wq.initialized):
+        return None
+    step = wq.effective_step().double().reshape((-1,) + (1,) * (w.dim() - 1))
+    x_int = torch.round(x.double() / sx)
+    w_int = torch.round(w.double() / step)
+    return conv._conv_forward(x_int, w_int, None)
 
 
 class QuantConv1d(_QuantConvForward, nn.Conv1d):

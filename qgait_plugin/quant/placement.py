@@ -35,10 +35,11 @@ float with a warning. The decisions are the placement's extra state, so a checkp
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -78,6 +79,9 @@ FLOAT = "float"
 REQUANTIZE_BEFORE_LAYER = ("squeeze", "unsqueeze", "select", "__getitem__", "split", "chunk", "unbind", "narrow")
 #: dtype conversions: their output is the same value for the plan (a site goes to what made it)
 CONVERSIONS = ("double", "float", "to", "half", "bfloat16", "type_as", "type")
+
+#: how a group's reason names the conv whose output it quantizes
+OUTPUT_OF = "output of "
 
 #: the name of the placement submodule a model gets
 ATTR = "qgait_placement"
@@ -434,7 +438,7 @@ class _Planner:
                                 tr.nodes[made].func in REQUANTIZE_BEFORE_LAYER:
                             self.sited[acts[0]] = g
                 if n.rule == "conv" and layer.weight_quant.enabled:
-                    self.site(self.absorb(n.outputs[0], ("bn", "relu")), None, f"output of {n.module}")
+                    self.site(self.absorb(n.outputs[0], ("bn", "relu")), None, f"{OUTPUT_OF}{n.module}")
             elif n.rule == "add" and len(acts) == 2 and len(n.outputs) == 1:
                 if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
                     for v in acts:
@@ -576,6 +580,11 @@ class Placement(nn.Module):
                     object.__setattr__(layer, "act_quant", q)
                 layer.qgait_input_quantized = True
             qs.append(q)
+        for grp, q in zip(self.groups, qs):  # a conv's output quantizer, for its runtime-exact eval (quant/bias.py)
+            for reason in grp.reasons:
+                layer = mods.get(reason[len(OUTPUT_OF):]) if reason.startswith(OUTPUT_OF) else None
+                if isinstance(layer, QuantLayerMixin):
+                    object.__setattr__(layer, "qgait_output_quant", q)
         self._resolved[:] = qs
         self._op_sites.clear()
         for grp, q in zip(self.groups, qs):
@@ -605,6 +614,10 @@ class Placement(nn.Module):
             self._frames.push(name)
             mode.__enter__()
         else:
+            if self._mode is None and not self._frames.stack and self.plan.frame_ops:
+                self._warn("forward", "the model's forward was called directly, which skips its hooks, so the "
+                           "sites in its own forward code stay float: call the model itself, or run the forward "
+                           "inside placement.root_call(model)")
             self._frames.push(name)
 
     def _leave(self, out_sites: Dict[str, LSQQuantizer], root: bool, module: nn.Module, inputs: Any,
@@ -654,7 +667,42 @@ def remove(model: nn.Module) -> None:
             for k, h in list(hooks.items()):
                 if isinstance(h, functools.partial) and getattr(h.func, "__self__", None) is p:
                     del hooks[k]
+        m.__dict__.pop("qgait_input_quantized", None)
+        m.__dict__.pop("qgait_output_quant", None)
     delattr(model, ATTR)
+
+
+@contextlib.contextmanager
+def paused(model: nn.Module) -> Iterator[None]:
+    """Inside, ops that run within ``model``'s forward are not its own (a teacher network called from
+    it): no site is applied to them and they are not counted (nothing happens without a placement)."""
+    p = getattr(model, ATTR, None)
+    mode = p._mode if isinstance(p, Placement) else None
+    if mode is None:
+        yield
+        return
+    mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        mode.__enter__()
+
+
+@contextlib.contextmanager
+def root_call(model: nn.Module) -> Iterator[None]:
+    """Around ``model``'s own forward code, for frameworks that call ``model.forward(x)`` rather than
+    ``model(x)`` (OpenGait's inference), which skips the module's hooks: the root's placement hooks run
+    here instead. Inside a normal call (the hooks ran) it does nothing."""
+    p = getattr(model, ATTR, None)
+    if not isinstance(p, Placement) or p._mode is not None:
+        yield
+        return
+    name = _module_names(model)[id(model)]
+    p._enter(name, True, model, ())
+    try:
+        yield
+    finally:
+        p._leave({}, True, model, (), None)
 
 
 def install_placement(model: nn.Module, plan: Plan, spec: QuantizerSpec) -> Placement:

@@ -1,0 +1,70 @@
+"""PyTorch's eval computes what the integer runtime computes, on a deep network.
+
+A conv + BatchNorm (+ ReLU) whose output the dataflow placement quantizes is requantized in eval as
+onnxruntime's QLinearConv does after the exporter folded the BatchNorm (float32 folded step and
+int32 bias, multiplier fp32(s_x * s_w / s_y), round half to even), so near-tie values that used to
+round differently in float and integer arithmetic, and move every later layer, now agree.
+
+Measured on the GaitBase-size network (64-128-256-512, [1, 4, 4, 1], 8 frames, W4A4; too slow for
+the suite): cosine 0.99951 / 0.99946 / 0.99911 before, 1.0 / 1.0 / 0.9999999 after. On the narrower
+network here the conv requantization alone changes nothing (W4A4 0.9999967 on one sequence either
+way; what is left is not the convs', see the module's floor), so this test guards the path rather
+than reproducing the old failure.
+"""
+import copy
+
+import pytest
+import torch
+from conftest import w8_cosine_floor
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+
+
+def _calibrated(bits, channels=(16, 32, 64, 128), layers=(1, 4, 4, 1), frames=6):
+    from qgait_plugin.bench.export_speed import Embeddings
+    from qgait_plugin.local.model import GaitBaseLite, register_quant_handlers
+    from qgait_plugin.quant.convert import quantize_model
+
+    register_quant_handlers()
+    torch.manual_seed(0)
+    fp = GaitBaseLite(channels, layers, (1, 2, 2, 1), (16,), 64, 10)
+    g = torch.Generator().manual_seed(2)
+    calib = (torch.rand(4, frames, 64, 44, generator=g) > 0.5).float()
+    for m in fp.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    fp.train()
+    with torch.no_grad():
+        for c in calib.split(2):
+            fp(c)
+    q = quantize_model(copy.deepcopy(fp), {"weight": {"bits": bits}, "act": {"bits": bits}}, example_inputs=calib[:1])
+    q.train()
+    with torch.no_grad():
+        for c in calib.split(2):
+            q(c)
+    return Embeddings(q).eval(), frames
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_deep_network_agrees_with_onnxruntime_per_sequence(tmp_path, bits):
+    from qgait_plugin.export.deploy import export_and_check
+
+    head, frames = _calibrated(bits)
+    g = torch.Generator().manual_seed(5)
+    seqs = [(torch.rand(1, frames, 64, 44, generator=g) > 0.5).float() for _ in range(3)]
+    res = export_and_check(head, seqs[0], str(tmp_path / "m.onnx"), checks=seqs, runs=0)
+    assert res["problems"] == []
+    floor = 0.99999 if bits < 8 else w8_cosine_floor(bits)
+    assert min(res["cosines"]) >= floor, res["cosines"]
+
+
+def test_eval_requantizes_conv_outputs_as_the_runtime_does():
+    head, frames = _calibrated(4, channels=(8, 16), layers=(1, 1), frames=3)
+    convs = [m for m in head.modules() if getattr(m, "qgait_output_quant", None) is not None]
+    assert len(convs) >= 4  # the stem and each block's convs know the quantizer of their output
+    x = (torch.rand(1, frames, 64, 44) > 0.5).float()
+    with torch.no_grad():
+        out = head(x)
+    assert torch.isfinite(out).all()
