@@ -101,3 +101,22 @@ def test_kd_idd_phase_and_step_lr_scale():
     assert QuantConfig.from_dict(q.to_dict()) == q
     d = QuantConfig.from_dict({})
     assert not d.kd.enabled and d.idd.phase == "all" and d.step_lr_scale == 1.0
+
+
+def test_opengait_refuses_keys_only_the_builtin_host_carries_out():
+    """quant.kd and quant.idd.phase: soft act only in the built-in trainer; an OpenGait run refuses
+    them by name instead of ignoring them. The shipped OpenGait configs pass."""
+    from pathlib import Path
+
+    import yaml
+
+    from qgait_plugin.opengait.quant_model import refuse_builtin_only_keys
+
+    with pytest.raises(ConfigError, match=r"quant\.kd: .*only on the built-in host"):
+        refuse_builtin_only_keys(QuantConfig.from_dict({"kd": {"weight": 1.0}}))
+    with pytest.raises(ConfigError, match=r"quant\.idd\.phase: 'soft' .*set phase: all"):
+        refuse_builtin_only_keys(QuantConfig.from_dict({"idd": {"phase": "soft"}}))
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs" / "opengait").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        refuse_builtin_only_keys(QuantConfig.from_dict(yaml.safe_load(path.read_text())["quant"]))

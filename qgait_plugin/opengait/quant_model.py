@@ -116,6 +116,18 @@ else:
     _BaseModel = object
 
 
+def refuse_builtin_only_keys(qcfg: QuantConfig) -> None:
+    """Raise :class:`ConfigError` for ``quant:`` settings only the built-in trainer carries out, so an
+    OpenGait run never ignores them silently: ``quant.kd`` (the plain-KD control) and
+    ``quant.idd.phase: soft`` (OpenGait's loss aggregator adds IDD from the first iteration)."""
+    if qcfg.kd.enabled:
+        raise ConfigError("quant.kd: the plain-KD control runs only on the built-in host (qgait train); "
+                          "remove it for OpenGait, or use quant.idd")
+    if qcfg.idd.enabled and qcfg.idd.phase != "all":
+        raise ConfigError(f"quant.idd.phase: {qcfg.idd.phase!r} is carried out only by the built-in host; on "
+                          "OpenGait IDD acts from the first iteration: set phase: all (or remove the key)")
+
+
 class QuantAwareModel(_BaseModel):
     """Mixed in front of an OpenGait ``BaseModel`` subclass by :func:`make_quant_aware`.
 
@@ -153,6 +165,7 @@ class QuantAwareModel(_BaseModel):
         if self.cfgs.get("quant") is None:
             return
         qcfg = QuantConfig.from_dict(self.cfgs["quant"])
+        refuse_builtin_only_keys(qcfg)
         object.__setattr__(self, "_qgait_cfg", qcfg)
         # the checkpoint restore_hint will load decides the placement (one trained before dataflow
         # placement keeps its block-registry quantizers); a new run places from the dataflow
