@@ -553,6 +553,9 @@ def _run_benchmark(cfg: Dict[str, Any], out: Path, cache: Path, progress: bool,
     # the PTQ part on its own, so its wall time is its own (the floor: at most 45 minutes on 2 cores);
     # longest runs first, so that no worker is left with an objective run while the other idles at the end
     ptq_jobs = sorted((j for j in jobs if j["method"] not in METHODS), key=ptq_job_cost, reverse=True)
+    timings["ptq_runs_total"] = len(ptq_jobs)
+    timings["ptq_runs_run"] = sum(_resumable(out / "runs" / f"{j['name']}.json", j, job_digest(j)) is None
+                                  for j in ptq_jobs)
     ptq_records = run_jobs(ptq_jobs, out / "runs", n, progress, tag="ptq runs")
     records += [ptq_records[ptq_jobs.index(j)] for j in jobs if j["method"] not in METHODS]  # plan order
     timings["ptq_runs"] = time.time() - t1
