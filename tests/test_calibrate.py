@@ -139,6 +139,35 @@ def test_objectives_train_only_steps_and_lower_their_loss(objective, lr):
     assert info["seconds"]["objective"] > 0
 
 
+@pytest.mark.parametrize("objective", ["idc", "recon"])
+def test_teacher_runs_once_per_batch_and_the_cache_changes_nothing(objective, monkeypatch):
+    """The frozen teacher's outputs on each calibration batch are computed once and reused: the same
+    loss curve and steps as running the teacher on every iteration, with one teacher pass per batch."""
+    import qgait_plugin.calibrate.objectives as objectives
+
+    batches = [(torch.rand(16, 1, 8, 8), torch.arange(16) % 6) for _ in range(3)]
+    results = []
+    for budget in (objectives.TEACHER_CACHE_BYTES, 0):  # 0: too large to cache, the teacher runs every time
+        monkeypatch.setattr(objectives, "TEACHER_CACHE_BYTES", budget)
+        torch.manual_seed(0)
+        fp = _EmbNet().eval()
+        fp_state = {k: v.clone() for k, v in fp.state_dict().items()}
+        net = quantize_model(_EmbNet(), {"weight": {"bits": 3}, "act": {"bits": 3}})
+        net.load_state_dict(fp_state, strict=False)
+        collect_and_set_steps(net, batches, lambda m, b: m(b[0]))
+        teacher = make_teacher(net, fp_state)
+        calls: list = []
+        teacher.module.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        res = objectives.train_steps(net, teacher, batches, objective, 12, 1e-2, lambda m, b: m(b[0]),
+                                     lambda o: o["embeddings"], lambda b: b[1])
+        steps = {n: q.effective_step().clone() for n, q in iter_quantizers(net) if q.enabled}
+        results.append((res["loss"], steps, len(calls)))
+    (loss_c, steps_c, calls_c), (loss_u, steps_u, calls_u) = results
+    assert calls_c == len(batches) and calls_u == 12
+    assert loss_c == loss_u
+    assert all(torch.equal(steps_c[n], steps_u[n]) for n in steps_u)
+
+
 def test_recon_blocks_are_blocks_and_layers_outside_them():
     register_quant_handlers()
     m = quantize_model(build_model({"channels": [4, 8], "layers": [1, 1], "strides": [1, 2], "bin_num": [4],

@@ -91,6 +91,27 @@ def recon_loss(student: Dict[str, List[torch.Tensor]], teacher: Dict[str, List[t
     return total
 
 
+#: the most memory the teacher's cached outputs (one entry per calibration batch) may take; above it
+#: the teacher runs on every iteration instead
+TEACHER_CACHE_BYTES = 2 << 30
+
+
+def _nbytes(obj: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
+def _teacher_target(teacher: FrozenTeacher, student: nn.Module, batch: Any, forward: Forward,
+                    embed: Callable[[Any], torch.Tensor], rec: Optional[_Recorder]) -> Any:
+    """What an objective compares the student with on ``batch``: the teacher's embeddings, or (``rec``,
+    for ``recon``) its blocks' outputs as the recorder kept them."""
+    teacher.follow(student)
+    with torch.no_grad():
+        out = forward(teacher.module, batch)
+    if rec is None:
+        return embed(out).detach()
+    return {k: [t.detach() for t in v] for k, v in rec.out.items()}
+
+
 def step_param_groups(model: nn.Module, lr: float, train_bn: bool = False) -> List[Dict[str, Any]]:
     """The enabled quantizers' steps in one Adam group at ``lr / STEP_LOG_SCALE`` (a relative rate
     ``lr`` on the step itself: it is learned in the log domain), plus BatchNorm's affine parameters at
@@ -147,6 +168,9 @@ def train_steps(model: nn.Module, teacher: Optional[FrozenTeacher], batches: Seq
     names = recon_blocks(model) if objective == "recon" else []
     rec_s = _Recorder(model, names) if names else None
     rec_t = _Recorder(teacher.module, names) if names and teacher is not None else None
+    # the teacher's outputs on each calibration batch, computed once: the teacher is frozen and the
+    # batches are fixed, so every later visit of a batch would recompute the same tensors
+    cache: Optional[Dict[int, Any]] = {} if iters > len(batches) else None
     was_training = model.training
     model.eval()
     curve: List[float] = []
@@ -155,23 +179,28 @@ def train_steps(model: nn.Module, teacher: Optional[FrozenTeacher], batches: Seq
         bar = tqdm(range(iters), desc=f"calibrate: {objective}", leave=False, dynamic_ncols=True,
                    disable=not progress)
         for it in bar:
-            b = batches[it % len(batches)]
-            out = forward(model, b)
-            t_out = None
+            i = it % len(batches)
+            b = batches[i]
+            target = None
             if teacher is not None and objective != "task":
-                teacher.follow(model)
-                with torch.no_grad():
-                    t_out = forward(teacher.module, b)
+                target = cache.get(i) if cache is not None else None
+                if target is None:
+                    target = _teacher_target(teacher, model, b, forward, embed, rec_t)
+                    if cache is not None:
+                        cache[i] = target
+                        if len(cache) == 1 and _nbytes(target) * min(iters, len(batches)) > TEACHER_CACHE_BYTES:
+                            cache = None  # too large to keep for every batch: run the teacher each time
+            out = forward(model, b)
             if objective == "idc":
-                loss, _ = idd(embed(out), embed(t_out), labels(b))
+                loss, _ = idd(embed(out), target, labels(b))
             elif objective == "kd":
-                loss, _ = kd(embed(out), embed(t_out))
+                loss, _ = kd(embed(out), target)
             elif objective == "task":
                 assert task_loss is not None
                 loss = task_loss(out, b)
             else:
-                assert rec_s is not None and rec_t is not None
-                loss = recon_loss(rec_s.out, rec_t.out)
+                assert rec_s is not None and isinstance(target, dict)
+                loss = recon_loss(rec_s.out, target)
             value = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 raise NonFiniteError(f"calibration objective {objective}: non-finite loss at iteration {it + 1}; "
