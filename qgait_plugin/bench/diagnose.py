@@ -22,6 +22,7 @@ from typing import Any, Dict, Mapping, Sequence, Tuple
 import numpy as np
 
 from ..errors import ConfigError, DamagedFile, InputNotFound
+from ..quant.placement import paused
 from .methods import METHODS
 
 PERTURBATIONS = ("erode", "dilate", "flip_boundary")
@@ -69,7 +70,8 @@ def layer_outputs(model: Any, x: Any, layers: Sequence[str]) -> Dict[str, Any]:
     for name in layers:
         def hook(_m: Any, _i: Any, out: Any, name: str = name) -> None:
             t = out[0] if isinstance(out, (tuple, list)) else out
-            got[name] = t.detach().float()
+            with paused(model):  # the copy is not the model's own op: a placed site must not see it
+                got[name] = t.detach().float()
         hooks.append(mods[name].register_forward_hook(hook))
     try:
         with torch.no_grad():
