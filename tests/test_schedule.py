@@ -218,3 +218,25 @@ def test_load_state_dict_checks_its_input():
         other.load_state_dict({"iteration": 3, "phase": "ste", "alpha": 3.0})
     with pytest.raises(ValueError, match="phase"):
         other.load_state_dict(dict(state, phase="hard"))
+
+
+def test_steps_a_grad_scaler_skips_do_not_advance_the_schedule():
+    """OpenGait's train_step returns False without incrementing ``iteration`` when fp16's GradScaler
+    skips a step, and the adapter applies the schedule at ``iteration`` after every step: a skipped
+    step re-applies the same iteration, so the switch lands on the counted iteration and the learning
+    rates are scaled once, however many steps were skipped."""
+    model, opt, _, s = build()
+    base = [g["lr"] for g in opt.param_groups]
+    iteration, calls = 0, 0
+    skips = {2, 3, STE - 1, STE, STE + 1}  # step numbers (not iterations) the scaler skips
+    seen = []
+    while iteration < STE + SOFT:
+        calls += 1
+        if calls not in skips:  # OpenGait: only a step the scaler took counts
+            iteration += 1
+        phase = s.apply(iteration, model, opt)
+        seen.append((iteration, phase))
+        assert phase == ("ste" if iteration < STE else "soft")
+        want = base if iteration < STE else [b * SCALE for b in base]
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx(want, rel=1e-12)
+    assert calls == STE + SOFT + len(skips) and {p for _, p in seen} == {"ste", "soft"}
