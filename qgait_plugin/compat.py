@@ -120,9 +120,9 @@ class _AllowlistUnpickler(pickle.Unpickler):
         return found
 
 
-#: a stand-in for the ``pickle`` module that ``torch.load(pickle_module=...)`` accepts
-_allowlist_pickle = types.SimpleNamespace(__name__="qgait_allowlist_pickle", Unpickler=_AllowlistUnpickler,
-                                          load=lambda f, **kw: _AllowlistUnpickler(f, **kw).load())
+#: a stand-in for the ``pickle`` module that torch's zip reader (``serialization._load``) takes: it
+#: only subclasses ``Unpickler`` (``load`` would serve the pre-1.6 format, which is refused before)
+_allowlist_pickle = types.SimpleNamespace(__name__="qgait_allowlist_pickle", Unpickler=_AllowlistUnpickler)
 
 
 def load_weights_only(f: Union[str, os.PathLike[str], IO[bytes]]) -> Any:
