@@ -212,3 +212,22 @@ def test_ddp_over_gloo_broadcasts_every_quantizer_buffer(tmp_path):
         nn.parallel.DistributedDataParallel(net)(torch.rand(3, 4)).sum().backward()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_evaluation_without_autograd_computes_the_same_values(dtype, per_channel):
+    """Under ``no_grad`` the fake quantizer takes an in-place path (no saved tensors): bit for bit the
+    values of the autograd path, including clamped values and exact ties."""
+    q = LSQQuantizer(4, "weight", channel_shape=(6, 1, 1, 1) if per_channel else None)
+    w = torch.randn(6, 3, 3, 3) * torch.linspace(0.1, 3, 6).view(6, 1, 1, 1)
+    q(w)  # the step from the weights
+    step = q.effective_step()
+    ties = (torch.randint(-9, 9, (6, 3, 3, 3)).float() + 0.5) * step  # exact half-step ties, some clamped
+    x = torch.cat([w * 3, ties], dim=-1).to(dtype)  # and values out of range
+    q.eval()
+    with_grad = q(x.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        without = q(x.clone())
+    assert without.dtype == dtype
+    assert torch.equal(with_grad, without)

@@ -77,16 +77,20 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, w = self.quantize_input(x), self.weight_quant(self.weight)
+        acc = None
         if (_FLOAT64_EVAL and not self.training and x.device.type == "cpu" and x.dtype == torch.float32
                 and not torch.jit.is_tracing()):
             # grid values times grid values: accumulated in float64 the sum is the integer runtime's
             # exact int32 accumulator (times the two steps), so near-tie values round as deployed
-            b = self.bias.double() if self.bias is not None else None
-            out = self._conv_forward(x.double(), w.double(), b).float()
-            acc = integer_accumulator(self, x, w)
+            parts = integer_accumulator(self, x, w)
+            if parts is not None:  # one float64 conv: the output is the accumulator times the steps
+                acc, scale = parts
+                out = (acc * scale).float()
+            else:
+                b = self.bias.double() if self.bias is not None else None
+                out = self._conv_forward(x.double(), w.double(), b).float()
         else:
             out = self._conv_forward(x, w, self.bias)
-            acc = None
         if not self.training:  # a BatchNorm right after puts the folded bias on its int32 grid (quant/bias.py)
             setattr(out, CONV_MARK, self)
             if acc is not None:  # and, knowing the output's quantizer, requantizes as the runtime does
@@ -94,10 +98,12 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
         return out
 
 
-def integer_accumulator(conv: Any, x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+def integer_accumulator(conv: Any, x: torch.Tensor, w: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     """``sum(x_int * w_int)`` of an eval-mode quantized conv, exact in float64 (the runtime's int32
-    accumulator), for :func:`~qgait_plugin.quant.bias.round_folded_bias`; ``None`` when the conv has no
-    output quantizer from the placement to requantize to, or its input or weight is not on a grid."""
+    accumulator), for :func:`~qgait_plugin.quant.bias.round_folded_bias`, with the float64 scale
+    ``s_x * s_w`` (per output channel, shaped to broadcast over the output) that turns it into the conv's
+    output; ``None`` when the conv has no output quantizer from the placement to requantize to, or its
+    input or weight is not on a grid."""
     from .bias import input_scale
 
     if getattr(conv, "qgait_output_quant", None) is None or conv.bias is not None:
@@ -105,10 +111,11 @@ def integer_accumulator(conv: Any, x: torch.Tensor, w: torch.Tensor) -> Optional
     sx, wq = input_scale(conv), conv.weight_quant
     if sx is None or not wq.enabled or not bool(wq.initialized):
         return None
-    step = wq.effective_step().double().reshape((-1,) + (1,) * (w.dim() - 1))
+    step = wq.effective_step().double()
     x_int = torch.round(x.double() / sx)
-    w_int = torch.round(w.double() / step)
-    return conv._conv_forward(x_int, w_int, None)
+    w_int = torch.round(w.double() / step.reshape((-1,) + (1,) * (w.dim() - 1)))
+    scale = (float(sx) * step).reshape((1, -1) + (1,) * (w.dim() - 2)) if step.numel() > 1 else float(sx) * step
+    return conv._conv_forward(x_int, w_int, None), scale
 
 
 class QuantConv1d(_QuantConvForward, nn.Conv1d):

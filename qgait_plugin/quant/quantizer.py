@@ -162,7 +162,11 @@ def _fake_quantize(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, round
         x = x.float()
     if s.dtype in _HALF:
         s = s.float()
-    if soft_forward and rounding == "soft":
+    if not torch.is_grad_enabled() and not (soft_forward and rounding == "soft"):
+        # evaluation: the same arithmetic in place, without the autograd Function's saved tensors
+        sx = s.to(x.dtype)
+        out = (x / sx).clamp_(qmin, qmax).round_().mul_(sx)
+    elif soft_forward and rounding == "soft":
         s = grad_scale_(s, grad_scale)
         v = torch.clamp(x / s, qmin, qmax)
         out = soft_round_value(v, alpha) * s
