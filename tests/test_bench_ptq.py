@@ -15,12 +15,13 @@ def _jobs(cfg, tmp_path):
     return plan_jobs(cfg, tmp_path / "data", tmp_path / "out", str(tmp_path / "fp.pt"), "TEST_SET")
 
 
-def test_ptq_benchmark_plans_lsq_and_every_ptq_method_longest_first(tmp_path):
+def test_ptq_benchmark_plans_lsq_its_control_and_every_ptq_method_longest_first(tmp_path):
     cfg = load_bench_config(PTQ_YAML)
     jobs = _jobs(cfg, tmp_path)
     methods = {j["method"] for j in jobs}
-    assert methods == {"lsq", "fp", "ptq", "ptq_idc", "ptq_kd", "ptq_task", "ptq_recon"}
+    assert methods == {"fp_continued", "lsq", "fp", "ptq", "ptq_idc", "ptq_kd", "ptq_task", "ptq_recon"}
     assert len([j for j in jobs if j["method"] == "lsq"]) == 9 and len([j for j in jobs if j["method"] == "fp"]) == 1
+    assert len([j for j in jobs if j["method"] == "fp_continued"]) == 3  # one per seed, FP
     assert all(j["eval_float64"] is False for j in jobs)
     ptq = sorted((j for j in jobs if j["method"] not in METHODS), key=ptq_job_cost, reverse=True)
     costs = [ptq_job_cost(j) for j in ptq]
