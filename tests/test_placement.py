@@ -262,3 +262,26 @@ def test_demo_model_runtime_computes_what_pytorch_evaluates(tmp_path, bits):
     got = torch.from_numpy(run_session(cpu_session(info["path"], 1), x.numpy())[0])
     assert info["problems"] == []
     assert F.cosine_similarity(got.flatten(1).double(), ref.flatten(1).double()).min() >= 0.9999
+
+
+def test_a_sequential_model_runs_with_its_placement_as_a_child():
+    """``nn.Sequential`` calls every child in order, the registered ``qgait_placement`` included (it used
+    to raise NotImplementedError: ``qgait bench overhead`` crashed on its Sequential model)."""
+    import warnings
+
+    from qgait_plugin.quant.convert import quantize_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    x = torch.rand(2, 1, 8, 8)
+    q = quantize_model(net, {"weight": {"bits": 4}, "act": {"bits": 4}}, example_inputs=(x,))
+    assert hasattr(q, "qgait_placement")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "dataflow changed" warning either
+        q.train()
+        out = q(x)
+        out.sum().backward()
+        q.eval()
+        with torch.no_grad():
+            assert q(x).shape == (2, 3)

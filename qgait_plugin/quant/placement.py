@@ -554,6 +554,10 @@ class Placement(nn.Module):
     _warned: Set[Any]
     _mode: Optional[_Apply]
 
+    def forward(self, x: Any) -> Any:
+        """Identity: a model that is an ``nn.Sequential`` calls every child in order, this one included."""
+        return x
+
     def _warn(self, where: Any, why: str) -> None:
         if where not in self._warned:
             self._warned.add(where)
