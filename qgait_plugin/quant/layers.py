@@ -114,7 +114,7 @@ def integer_accumulator(conv: Any, x: torch.Tensor, w: torch.Tensor) -> Optional
     step = wq.effective_step().double()
     x_int = torch.round(x.double() / sx)
     w_int = torch.round(w.double() / step.reshape((-1,) + (1,) * (w.dim() - 1)))
-    scale = (float(sx) * step).reshape((1, -1) + (1,) * (w.dim() - 2)) if step.numel() > 1 else float(sx) * step
+    scale = (float(sx) * step).reshape((1, -1) + (1,) * (w.dim() - 2))  # one step or one per channel: broadcasts
     return conv._conv_forward(x_int, w_int, None), scale
 
 
