@@ -109,7 +109,7 @@ class QDQQuantizer(LSQQuantizer):
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grad_numel: Optional[int] = None) -> torch.Tensor:
         if not self.enabled:
             return x
         if not bool(self.initialized):
@@ -131,7 +131,7 @@ class ExactInputQDQ(LSQQuantizer):
     get_extra_state = nn.Module.get_extra_state
     set_extra_state = nn.Module.set_extra_state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grad_numel: Optional[int] = None) -> torch.Tensor:
         return _QDQ.apply(x, EXACT_INPUT_SCALE, 0, 0, 255)
 
 

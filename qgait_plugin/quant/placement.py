@@ -170,6 +170,7 @@ class Node:
     module: str
     inputs: List[int]
     outputs: List[int]
+    sizes: List[int] = field(default_factory=list)  # numel of each output
 
 
 @dataclass
@@ -237,7 +238,8 @@ class _Recorder(TorchFunctionMode):
             tr.consumers.setdefault(v, []).append(n)
         if ins and all(v in tr.const for v in ins):
             tr.const.update(values)
-        tr.nodes.append(Node(name, rule(name), where[0], where[1], self.module_of_frame(), ins, values))
+        tr.nodes.append(Node(name, rule(name), where[0], where[1], self.module_of_frame(), ins, values,
+                             [t.numel() for t in outs]))
         return out
 
 
@@ -309,21 +311,46 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
 @dataclass
 class Group:
     """One quantizer and the places it is applied: ops' outputs and module outputs, and the layers
-    whose input it quantizes (the first of those owns it, as its ``act_quant``)."""
+    whose input it quantizes (the first of those owns it, as its ``act_quant``).
+
+    ``deferred`` pairs a site with a later one where training applies the quantizer instead
+    (:meth:`_Planner.defer_target`): the same values on fewer elements."""
 
     op_sites: List[Tuple[str, int, str]] = field(default_factory=list)  # (frame, op index, func name)
     out_sites: List[str] = field(default_factory=list)  # frame keys
     layers: List[str] = field(default_factory=list)
     reasons: List[str] = field(default_factory=list)
+    deferred: List[Tuple[SiteRef, SiteRef]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"op_sites": [list(s) for s in self.op_sites], "out_sites": list(self.out_sites),
-                "layers": list(self.layers), "reasons": list(self.reasons)}
+        d = {"op_sites": [list(s) for s in self.op_sites], "out_sites": list(self.out_sites),
+             "layers": list(self.layers), "reasons": list(self.reasons)}
+        if self.deferred:  # absent, not empty, so plans saved before deferral compare equal to their reload
+            d["deferred"] = [[list(a), list(b)] for a, b in self.deferred]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> Group:
         return cls([(str(a), int(b), str(c)) for a, b, c in d["op_sites"]], [str(s) for s in d["out_sites"]],
-                   [str(s) for s in d["layers"]], [str(s) for s in d.get("reasons", [])])
+                   [str(s) for s in d["layers"]], [str(s) for s in d.get("reasons", [])],
+                   [(_site_ref(a), _site_ref(b)) for a, b in d.get("deferred", [])])
+
+
+#: where a quantizer is applied: ``("op", frame, op index, func name)`` or ``("out", frame)``
+SiteRef = Tuple[Any, ...]
+
+
+def _site_ref(raw: Sequence[Any]) -> SiteRef:
+    if raw[0] == "op":
+        return ("op", str(raw[1]), int(raw[2]), str(raw[3]))
+    if raw[0] == "out":
+        return ("out", str(raw[1]))
+    raise ValueError(f"a site is ['op', frame, index, func] or ['out', frame], not {list(raw)!r}")
+
+
+def _site_key(ref: SiteRef) -> Any:
+    """The run-time key of a site: ``(frame, op index)`` for an op, the frame key for a module output."""
+    return (ref[1], ref[2]) if ref[0] == "op" else ref[1]
 
 
 @dataclass
@@ -351,7 +378,8 @@ class Plan:
 def make_plan(tr: Trace, model: nn.Module, weight_matmuls: Sequence[Tuple[str, str]] = ()) -> Plan:
     """:func:`plan`'s groups with what else a :class:`Plan` records from the trace."""
     groups = plan(tr, model)
-    frames = {f for g in groups for f, _, _ in g.op_sites}
+    frames = {f for g in groups for f, _, _ in g.op_sites} | \
+        {b[1] for g in groups for _, b in g.deferred if b[0] == "op"}
     return Plan(groups, list(weight_matmuls), {f: tr.frame_ops[f] for f in sorted(frames) if f in tr.frame_ops})
 
 
@@ -460,6 +488,38 @@ class _Planner:
             elif n.rule == "requant" and acts and self.group(acts[0]) is not None:
                 self.site(n.outputs[0], None, f"{n.func} output")
 
+    def size(self, v: int) -> int:
+        n = self.tr.nodes[self.tr.producer[v]]
+        return n.sizes[n.outputs.index(v)] if len(n.sizes) == len(n.outputs) else 0
+
+    def defer_target(self, v: int) -> int:
+        """The value after the longest chain of reuse ops that are each the only reader of the one
+        before (``relu -> max_pool -> view``), where it is smallest; ``v`` itself when none is smaller.
+
+        Why: a quantizer is monotone (``round``, ``clamp`` and the scaling never reverse an order)
+        and these ops only select, reorder or take maxima, so quantizing at the end of the chain
+        gives bit for bit the values of quantizing at ``v``, on fewer elements (a 2x2 max pool: a
+        quarter). Training applies it there; eval and export keep it where the tensor is made,
+        which is where the integer graph needs its QuantizeLinear."""
+        best, w = v, v
+        size = self.size(v)
+        while True:
+            nxt = self.sole_consumer(w)
+            if nxt is None or nxt.rule != "reuse" or len(nxt.outputs) != 1 or nxt.inputs[:1] != [w] \
+                    or any(self.activation(u) for u in nxt.inputs[1:]):
+                return best
+            w = nxt.outputs[0]
+            if w in self.sited or w in self.from_input:
+                return best
+            if 0 < self.size(w) < size:
+                best, size = w, self.size(w)
+
+    def site_ref(self, v: int) -> SiteRef:
+        n = self.tr.nodes[self.tr.producer[v]]
+        if self.tr.frame_output.get(n.frame) == v:
+            return ("out", n.frame)
+        return ("op", n.frame, n.index, n.func)
+
     def groups(self) -> List[Group]:
         by_root: Dict[int, Group] = {}
         order: List[int] = []
@@ -469,11 +529,14 @@ class _Planner:
                 by_root[root] = Group()
                 order.append(root)
             grp = by_root[root]
-            n = self.tr.nodes[self.tr.producer[v]]
-            if self.tr.frame_output.get(n.frame) == v:
-                grp.out_sites.append(n.frame)
+            ref = self.site_ref(v)
+            if ref[0] == "out":
+                grp.out_sites.append(ref[1])
             else:
-                grp.op_sites.append((n.frame, n.index, n.func))
+                grp.op_sites.append(ref[1:])
+            later = self.defer_target(v)
+            if later != v:
+                grp.deferred.append((ref, self.site_ref(later)))
         for layer, g in self.covered.items():
             root = self.find(g)
             if root in by_root:
@@ -509,23 +572,38 @@ class _Apply(TorchFunctionMode):
                 return out
         elif not _float_tensors(out):
             return out
-        where = self.p._frames.next_op()
-        site = self.p._op_sites.get(where) if where is not None else None
-        if site is None:
+        p = self.p
+        where = p._frames.next_op()
+        if where is None:
             return out
+        site = p._op_sites.get(where)
+        if site is None:
+            return p._apply_deferred(where, out) if p._pending else out
         name, q = site
         if _func_name(func) != name:
-            self.p._warn(where, f"expected {name}, the model ran {_func_name(func)}")
+            p._warn(where, f"expected {name}, the model ran {_func_name(func)}")
             return out
-        if isinstance(out, torch.Tensor):
-            return q(out)
-        first = True
-        items = []
-        for t in out:
-            if first and isinstance(t, torch.Tensor) and t.is_floating_point():
-                t, first = q(t), False
-            items.append(t)
-        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
+        return p._apply_site(where, q, out)
+
+
+def _first_float(out: Any) -> Optional[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return out
+    return next((t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
+def _map_first_float(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``out`` with ``fn`` applied to it (a tensor) or to its first floating-point member (a tuple:
+    ``torch.max(x, dim)`` returns values and indices)."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    first = True
+    items = []
+    for t in out:
+        if first and isinstance(t, torch.Tensor) and t.is_floating_point():
+            t, first = fn(t), False
+        items.append(t)
+    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)
 
 
 class Placement(nn.Module):
@@ -534,6 +612,12 @@ class Placement(nn.Module):
     Registered as the model's ``qgait_placement`` submodule. ``quantizers`` holds the quantizers no
     layer owns; the plan (:class:`Group` list) is the extra state, so a checkpoint records it and
     a model built from the checkpoint's plan (:func:`apply_plan`) needs no trace.
+
+    In training a site with a ``deferred`` partner leaves its tensor float and the partner (the end
+    of a chain of max pooling and view ops) quantizes the smaller tensor there with the same
+    quantizer: the same values, and LSQ's gradient scale of the original site (its element count).
+    A quantizer not yet initialised is applied at the original site, so it initialises from the
+    tensor it quantizes in eval and export.
     """
 
     def __init__(self, plan: Plan, specs: Sequence[Optional[QuantizerSpec]]) -> None:
@@ -545,12 +629,20 @@ class Placement(nn.Module):
         object.__setattr__(self, "_frames", _Frames())
         object.__setattr__(self, "_resolved", [])
         object.__setattr__(self, "_op_sites", {})
+        object.__setattr__(self, "_out_sites", {})
+        object.__setattr__(self, "_defer", {})
+        object.__setattr__(self, "_targets", {})
+        object.__setattr__(self, "_pending", {})
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_mode", None)
 
     _frames: _Frames
     _resolved: List[LSQQuantizer]
     _op_sites: Dict[Tuple[str, int], Tuple[str, LSQQuantizer]]
+    _out_sites: Dict[str, LSQQuantizer]
+    _defer: Dict[Any, Any]  # site key -> the key of the site training applies its quantizer at
+    _targets: Dict[Any, LSQQuantizer]  # deferred-to site key -> quantizer
+    _pending: Dict[Any, int]  # deferred-to site key -> per-sample element count of the deferred tensor
     _warned: Set[Any]
     _mode: Optional[_Apply]
 
@@ -563,6 +655,23 @@ class Placement(nn.Module):
             self._warned.add(where)
             warnings.warn(f"quantizer site {where}: the dataflow changed since the trace ({why}); "
                           "this site stays float", stacklevel=3)
+
+    def _apply_site(self, key: Any, q: LSQQuantizer, out: Any) -> Any:
+        """``out`` quantized by ``q`` at site ``key``, or left float for a later site in training."""
+        later = self._defer.get(key)
+        if later is not None and self.training and q.enabled and bool(q.initialized):
+            t = _first_float(out)
+            if t is not None:
+                self._pending[later] = t[0].numel() if t.dim() > 1 else t.numel()
+                return out
+        return _map_first_float(out, q)
+
+    def _apply_deferred(self, key: Any, out: Any) -> Any:
+        numel = self._pending.pop(key, None)
+        if numel is None:
+            return out
+        q = self._targets[key]
+        return _map_first_float(out, lambda t: q(t, grad_numel=numel))
 
     def resolve(self, model: nn.Module) -> None:
         """Find each group's quantizer (a layer's ``act_quant`` or one of :attr:`quantizers`) and
@@ -590,21 +699,26 @@ class Placement(nn.Module):
                 if isinstance(layer, QuantLayerMixin):
                     object.__setattr__(layer, "qgait_output_quant", q)
         self._resolved[:] = qs
-        self._op_sites.clear()
+        for index in (self._op_sites, self._out_sites, self._defer, self._targets, self._pending):
+            index.clear()
         for grp, q in zip(self.groups, qs):
             for frame, idx, func in grp.op_sites:
                 self._op_sites[(frame, idx)] = (func, q)
+            for frame in grp.out_sites:
+                self._out_sites[frame] = q
+            for here, later in grp.deferred:
+                self._defer[_site_key(here)] = _site_key(later)
+                self._targets[_site_key(later)] = q
 
     def install(self, model: nn.Module) -> None:
         """Hook every module of ``model``: frames for the op keys, module-output sites, and the mode."""
         names = _module_names(model)
-        out_sites = {frame: q for grp, q in zip(self.groups, self._resolved) for frame in grp.out_sites}
         for m in model.modules():
             if id(m) not in names:
                 continue
             name = names[id(m)]
             m.register_forward_pre_hook(functools.partial(self._enter, name, m is model))
-            post = functools.partial(self._leave, out_sites, m is model)
+            post = functools.partial(self._leave, m is model)
             try:
                 m.register_forward_hook(post, always_call=True)
             except TypeError:  # torch < 2.1
@@ -613,6 +727,7 @@ class Placement(nn.Module):
     def _enter(self, name: str, root: bool, module: nn.Module, inputs: Any) -> None:
         if root:
             self._frames.reset()
+            self._pending.clear()
             mode = _Apply(self)
             object.__setattr__(self, "_mode", mode)
             self._frames.push(name)
@@ -624,23 +739,26 @@ class Placement(nn.Module):
                            "inside placement.root_call(model)")
             self._frames.push(name)
 
-    def _leave(self, out_sites: Dict[str, LSQQuantizer], root: bool, module: nn.Module, inputs: Any,
-               out: Any) -> Any:
+    def _leave(self, root: bool, module: nn.Module, inputs: Any, out: Any, sites: bool = True) -> Any:
         if not self._frames.stack:
             return None
         key, count = self._frames.stack.pop()
         expected = self.plan.frame_ops.get(key)
         if expected is not None and count != expected:
             self._warn(key, f"{count} ops ran where the trace saw {expected}")
-        q = out_sites.get(key)
+        q = self._out_sites.get(key) if sites else None
         if root and self._mode is not None:
             mode = self._mode
             object.__setattr__(self, "_mode", None)
             mode.__exit__(None, None, None)
-        if q is None:
+        deferred = sites and key in self._pending
+        if root and self._pending and not deferred:
+            self._warn(tuple(self._pending), "a site training quantizes at, after max pooling or a view, did not run")
+            self._pending.clear()
+        if q is None and not deferred:
             return None
         if isinstance(out, torch.Tensor) and out.is_floating_point():
-            return q(out)
+            return self._apply_site(key, q, out) if q is not None else self._apply_deferred(key, out)
         self._warn(key, f"the module returned {type(out).__name__}, not a tensor")
         return None
 
@@ -706,7 +824,7 @@ def root_call(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        p._leave({}, True, model, (), None)
+        p._leave(True, model, (), None, sites=False)
 
 
 def install_placement(model: nn.Module, plan: Plan, spec: QuantizerSpec) -> Placement:

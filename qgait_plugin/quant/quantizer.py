@@ -348,7 +348,10 @@ class LSQQuantizer(nn.Module):
         return _step_from_theta(self.scaled_log_step.detach()).clamp_min(STEP_EPS)
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grad_numel: Optional[int] = None) -> torch.Tensor:
+        """``x`` fake-quantized. ``grad_numel`` replaces the per-sample element count in LSQ's
+        gradient scale of an activation step: the dataflow placement quantizes a max-pooled tensor
+        in place of the tensor before the pooling (the same values) and keeps that tensor's scale."""
         if not self.enabled:
             return x
         if not bool(self.initialized):
@@ -360,7 +363,7 @@ class LSQQuantizer(nn.Module):
         if self.kind == "weight":
             per_step = x.numel() // max(1, self.scaled_log_step.numel())
         else:
-            per_step = x[0].numel() if x.dim() > 1 else x.numel()
+            per_step = grad_numel if grad_numel is not None else x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(max(1, per_step) * qmax)
         # soft_forward relaxes round() while training only: in eval mode the model computes what the
         # integer model deployed from it computes (DSQ, likewise, deploys the hard quantizer)
