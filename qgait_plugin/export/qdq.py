@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
-from ..quant import bias
+from ..quant import bias, qlinear_add
 from ..quant.convert import iter_quantizers
 from ..quant.layers import QuantLayerMixin
 from ..quant.placement import Placement, TracedPlacement
@@ -37,7 +37,7 @@ from ..quant.quantizer import LSQQuantizer
 #: scale of the first layer's input: the loaders feed ``uint8 / 255``, so ``Q(x, 1/255)`` is exact
 EXACT_INPUT_SCALE = bias.EXACT_INPUT_SCALE
 #: zero point of signed activation grids in their uint8 container
-SIGNED_ZERO_POINT = 128
+SIGNED_ZERO_POINT = qlinear_add.SIGNED_ZERO_POINT
 
 # integer weights of the export in progress, by key: the symbolic functions read them back
 _WEIGHTS: Dict[int, Tuple[torch.Tensor, torch.Tensor, Optional[int]]] = {}

@@ -51,13 +51,20 @@ class QuantLayerMixin(_ModuleBase):
         return self.weight_quant(getattr(self, self.qgait_param))
 
 
-#: eval-mode quantized convs on the CPU accumulate in float64 (below); :func:`float32_accumulation` turns it off
+#: eval-mode quantized convs on the CPU accumulate in float64 (below), and residual adds compute the
+#: runtime's QLinearAdd arithmetic (quant/qlinear_add.py); :func:`float32_accumulation` turns both off
 _FLOAT64_EVAL = True
+
+
+def runtime_exact_eval() -> bool:
+    """Whether eval computes the integer runtime's arithmetic (off inside :func:`float32_accumulation`)."""
+    return _FLOAT64_EVAL
 
 
 @contextlib.contextmanager
 def float32_accumulation() -> Iterator[None]:
-    """Inside, eval-mode quantized convs on the CPU accumulate in float32 like every other conv.
+    """Inside, eval-mode quantized convs on the CPU accumulate in float32 like every other conv (and
+    residual adds add in float32).
 
     The float64 sum matches the integer runtime at near-ties but makes the quantized model's forward
     ~3.6x slower on the CPU (the benchmark model, 1 thread); a loop that runs the model thousands of times and does

@@ -47,7 +47,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import ConfigError
 from ..spec import QuantizerSpec
-from .layers import QuantLayerMixin
+from .layers import QuantLayerMixin, runtime_exact_eval
+from .qlinear_add import qlinear_add_like_runtime
 from .quantizer import LSQQuantizer
 
 #: op name (the torch function's ``__name__``) -> its rule; see the module doc
@@ -73,6 +74,9 @@ for _names, _rule in (
         RULES[_n] = _rule
 #: what every other op is
 FLOAT = "float"
+#: adds of two tensors that eval computes as the runtime's QLinearAdd (out of place, or ``+=``, whose
+#: result Python rebinds); not ``add_`` (its result may be dropped) nor ``torch.add(..., alpha=)``
+EXACT_ADDS = ("add", "__add__", "__iadd__")
 #: reuse ops that an ONNX export may turn into control flow or gathers (``squeeze`` on a dynamic
 #: shape becomes an ``If``) through which a runtime does not follow a DequantizeLinear: a quantized
 #: layer reading their output gets its quantizer applied again there (same values, same quantizer)
@@ -363,24 +367,35 @@ class Plan:
     #: ops the trace counted in each frame that holds an op site: a different count at run time
     #: means the dataflow changed there (a branch or a loop), and is warned about
     frame_ops: Dict[str, int] = field(default_factory=dict)
+    #: the adds an integer runtime runs as QLinearAdd, which eval computes in its arithmetic
+    #: (:mod:`.qlinear_add`): ``(frame, op index, func, group of a, group of b, group of the output,
+    #: whether a ReLU lies between the add and its output's quantizer)``
+    adds: List[Tuple[str, int, str, int, int, int, bool]] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"groups": [g.to_dict() for g in self.groups], "weight_matmuls": [list(w) for w in self.weight_matmuls],
-                "frame_ops": dict(self.frame_ops)}
+        d = {"groups": [g.to_dict() for g in self.groups], "weight_matmuls": [list(w) for w in self.weight_matmuls],
+             "frame_ops": dict(self.frame_ops)}
+        if self.adds:  # absent, not empty: a plan saved before has none and reloads equal
+            d["adds"] = [list(a) for a in self.adds]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> Plan:
         return cls([Group.from_dict(g) for g in d["groups"]],
                    [(str(a), str(b)) for a, b in d.get("weight_matmuls", [])],
-                   {str(k): int(v) for k, v in d.get("frame_ops", {}).items()})
+                   {str(k): int(v) for k, v in d.get("frame_ops", {}).items()},
+                   [(str(f), int(i), str(fn), int(a), int(b), int(c), bool(r))
+                    for f, i, fn, a, b, c, r in d.get("adds", [])])
 
 
 def make_plan(tr: Trace, model: nn.Module, weight_matmuls: Sequence[Tuple[str, str]] = ()) -> Plan:
     """:func:`plan`'s groups with what else a :class:`Plan` records from the trace."""
-    groups = plan(tr, model)
+    p = _planner(tr, model)
+    groups = p.groups()
     frames = {f for g in groups for f, _, _ in g.op_sites} | \
-        {b[1] for g in groups for _, b in g.deferred if b[0] == "op"}
-    return Plan(groups, list(weight_matmuls), {f: tr.frame_ops[f] for f in sorted(frames) if f in tr.frame_ops})
+        {b[1] for g in groups for _, b in g.deferred if b[0] == "op"} | {a[0] for a in p.add_records}
+    return Plan(groups, list(weight_matmuls), {f: tr.frame_ops[f] for f in sorted(frames) if f in tr.frame_ops},
+                p.add_records)
 
 
 class _Planner:
@@ -394,6 +409,8 @@ class _Planner:
         self.reasons: Dict[int, List[str]] = {}
         self.covered: Dict[str, int] = {}  # layer -> group of its input
         self.from_input: Set[int] = set()  # values that are graph inputs or views of them
+        self.adds: List[Tuple[Node, int, int, int]] = []  # QLinearAdd candidates: node, a, b, output value
+        self.add_records: List[Tuple[str, int, str, int, int, int, bool]] = []  # set by groups()
 
     def find(self, g: int) -> int:
         while self.parent[g] != g:
@@ -471,7 +488,10 @@ class _Planner:
                 if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
                     for v in acts:
                         self.site(v, None, f"{n.func} input")
-                    self.site(self.absorb(n.outputs[0], ("relu",)), None, f"{n.func} output")
+                    out = self.absorb(n.outputs[0], ("relu",))
+                    self.site(out, None, f"{n.func} output")
+                    if n.func in EXACT_ADDS and n.inputs == acts:
+                        self.adds.append((n, acts[0], acts[1], out))
             elif n.rule == "cat" and acts:
                 if any(self.group(v) is not None for v in acts) and not any(v in self.from_input for v in acts):
                     shared: Optional[int] = None
@@ -544,15 +564,25 @@ class _Planner:
         for root, grp in by_root.items():
             grp.reasons = sorted({r for g in range(len(self.parent)) if self.find(g) == root
                                   for r in self.reasons.get(g, [])})
+        index = {root: i for i, root in enumerate(order)}
+        self.add_records = []
+        for n, a, b, out in self.adds:
+            ga, gb, gc = (self.group(v) for v in (a, b, out))
+            if ga in index and gb in index and gc in index:
+                self.add_records.append((n.frame, n.index, n.func, index[ga], index[gb], index[gc],
+                                         out != n.outputs[0]))
         return [by_root[r] for r in order]
+
+
+def _planner(tr: Trace, model: nn.Module) -> _Planner:
+    p = _Planner(tr, {name: m for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)})
+    p.run()
+    return p
 
 
 def plan(tr: Trace, model: nn.Module) -> List[Group]:
     """The quantizer groups :data:`RULES` give for ``tr`` (a trace of ``model``)."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
-    p = _Planner(tr, layers)
-    p.run()
-    return p.groups()
+    return _planner(tr, model).groups()
 
 
 # -- run time -------------------------------------------------------------------------------------------
@@ -576,6 +606,8 @@ class _Apply(TorchFunctionMode):
         where = p._frames.next_op()
         if where is None:
             return out
+        if p._adds and not p.training:
+            out = p._exact_add(where, func, args, kwargs, out)
         site = p._op_sites.get(where)
         if site is None:
             return p._apply_deferred(where, out) if p._pending else out
@@ -633,6 +665,7 @@ class Placement(nn.Module):
         object.__setattr__(self, "_defer", {})
         object.__setattr__(self, "_targets", {})
         object.__setattr__(self, "_pending", {})
+        object.__setattr__(self, "_adds", {})
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_mode", None)
 
@@ -643,6 +676,7 @@ class Placement(nn.Module):
     _defer: Dict[Any, Any]  # site key -> the key of the site training applies its quantizer at
     _targets: Dict[Any, LSQQuantizer]  # deferred-to site key -> quantizer
     _pending: Dict[Any, int]  # deferred-to site key -> per-sample element count of the deferred tensor
+    _adds: Dict[Tuple[str, int], Tuple[str, LSQQuantizer, LSQQuantizer, LSQQuantizer, bool]]
     _warned: Set[Any]
     _mode: Optional[_Apply]
 
@@ -672,6 +706,25 @@ class Placement(nn.Module):
             return out
         q = self._targets[key]
         return _map_first_float(out, lambda t: q(t, grad_numel=numel))
+
+    def _exact_add(self, where: Tuple[str, int], func: Any, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+                   out: Any) -> Any:
+        """In eval, the add at ``where`` recomputed as the runtime's QLinearAdd (:mod:`.qlinear_add`) when
+        its inputs are on their quantizers' grids; ``out`` (the float sum) otherwise."""
+        add = self._adds.get(where)
+        if add is None or kwargs or len(args) != 2 or not isinstance(out, torch.Tensor):
+            return out
+        name, qa, qb, qc, relu = add
+        a, b = args
+        if _func_name(func) != name or not runtime_exact_eval() or torch.jit.is_tracing() \
+                or not all(q.enabled and bool(q.initialized) for q in (qa, qb, qc)) or (relu and qc.signed) \
+                or not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape \
+                or out.dtype != torch.float32 or out.device.type != "cpu":
+            return out
+        exact = qlinear_add_like_runtime(a, b, qa, qb, qc)
+        if name == "__iadd__":  # in place: every reference to the tensor sees the runtime's sum
+            return out.copy_(exact)
+        return exact
 
     def resolve(self, model: nn.Module) -> None:
         """Find each group's quantizer (a layer's ``act_quant`` or one of :attr:`quantizers`) and
@@ -709,6 +762,9 @@ class Placement(nn.Module):
             for here, later in grp.deferred:
                 self._defer[_site_key(here)] = _site_key(later)
                 self._targets[_site_key(later)] = q
+        self._adds.clear()
+        for frame, idx, func, ia, ib, ic, relu in self.plan.adds:
+            self._adds[(frame, idx)] = (func, qs[ia], qs[ib], qs[ic], relu)
 
     def install(self, model: nn.Module) -> None:
         """Hook every module of ``model``: frames for the op keys, module-output sites, and the mode."""
