@@ -156,3 +156,55 @@ def test_a_site_not_yet_initialised_initialises_where_its_tensor_is_made():
     q(_sils(2, 1))
     q(_sils(2, 1))
     assert sizes == [2 * 6 * 8 * 16 * 12, 2 * 6 * 8 * 8 * 6]  # first batch at the site, then after the pool
+
+
+class SetPool(nn.Module):
+    """OpenGait's temporal pooling in spirit: one max over the frames, or one per sequence of given lengths."""
+
+    def forward(self, x: torch.Tensor, lengths=None):
+        if lengths is None:
+            return torch.max(x, 1)
+        parts, start = [], 0
+        for n in lengths:
+            parts.append(torch.max(x.narrow(1, start, n), 1)[0])
+            start += n
+        return (torch.cat(parts, 0),)
+
+
+class SetNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.tp = SetPool()
+        self.fc = nn.Linear(4 * 16 * 12, 3)
+
+    def forward(self, sils: torch.Tensor, lengths=None) -> torch.Tensor:
+        n, s, h, w = sils.shape
+        f = self.conv(sils.reshape(n * s, 1, h, w))
+        f = self.tp(f.reshape(n, s, *f.shape[1:]), lengths)[0]
+        return self.fc(f.flatten(1))
+
+
+def test_a_pooling_whose_dataflow_changes_keeps_every_value_quantized():
+    torch.manual_seed(0)
+    q = quantize_model(SetNet(), {"weight": {"bits": 4}, "act": {"bits": 4}}, example_inputs=(_sils(1, 0),))
+    assert any(b[1] == "tp#0" for g in q.qgait_placement.plan.groups for _, b in g.deferred)
+    q.train()
+    q(_sils(2, 1))
+    ref = copy.deepcopy(q)
+    ref.qgait_placement._defer.clear()  # every site where its tensor is made
+    x = _sils(1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.eval()
+        with torch.no_grad():  # eval never defers: a changed pooling is no concern there, and says nothing
+            q(x, [2, 4])
+        q.train()
+        assert torch.equal(q(x), ref(x))
+    with pytest.warns(UserWarning, match="quantizes the tensors pooled here where they are made from now on"):
+        got = q(x, [2, 4])  # per-sequence maxes: the op it traced did not run; the module's output is quantized
+    assert torch.equal(got, ref(x, [2, 4]))
+    assert not q.qgait_placement._defer  # and from the next step the site is applied where the tensor is made
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(q(x, [2, 4]), ref(x, [2, 4]))

@@ -610,7 +610,7 @@ class _Apply(TorchFunctionMode):
             out = p._exact_add(where, func, args, kwargs, out)
         site = p._op_sites.get(where)
         if site is None:
-            return p._apply_deferred(where, out) if p._pending else out
+            return p._apply_deferred(where, out, _func_name(func)) if p._pending else out
         name, q = site
         if _func_name(func) != name:
             p._warn(where, f"expected {name}, the model ran {_func_name(func)}")
@@ -666,6 +666,8 @@ class Placement(nn.Module):
         object.__setattr__(self, "_targets", {})
         object.__setattr__(self, "_pending", {})
         object.__setattr__(self, "_adds", {})
+        object.__setattr__(self, "_frame_targets", {})
+        object.__setattr__(self, "_defer_only_frames", set())
         object.__setattr__(self, "_warned", set())
         object.__setattr__(self, "_mode", None)
 
@@ -674,7 +676,9 @@ class Placement(nn.Module):
     _op_sites: Dict[Tuple[str, int], Tuple[str, LSQQuantizer]]
     _out_sites: Dict[str, LSQQuantizer]
     _defer: Dict[Any, Any]  # site key -> the key of the site training applies its quantizer at
-    _targets: Dict[Any, LSQQuantizer]  # deferred-to site key -> quantizer
+    _targets: Dict[Any, Tuple[Optional[str], LSQQuantizer]]  # deferred-to site key -> (op name or None, quantizer)
+    _frame_targets: Dict[str, List[Tuple[str, int]]]  # frame -> the deferred-to op sites in it
+    _defer_only_frames: Set[str]  # frames whose op count is checked for deferred sites only (in training)
     _pending: Dict[Any, int]  # deferred-to site key -> per-sample element count of the deferred tensor
     _adds: Dict[Tuple[str, int], Tuple[str, LSQQuantizer, LSQQuantizer, LSQQuantizer, bool]]
     _warned: Set[Any]
@@ -684,11 +688,11 @@ class Placement(nn.Module):
         """Identity: a model that is an ``nn.Sequential`` calls every child in order, this one included."""
         return x
 
-    def _warn(self, where: Any, why: str) -> None:
+    def _warn(self, where: Any, why: str, then: str = "this site stays float") -> None:
         if where not in self._warned:
             self._warned.add(where)
-            warnings.warn(f"quantizer site {where}: the dataflow changed since the trace ({why}); "
-                          "this site stays float", stacklevel=3)
+            warnings.warn(f"quantizer site {where}: the dataflow changed since the trace ({why}); {then}",
+                          stacklevel=3)
 
     def _apply_site(self, key: Any, q: LSQQuantizer, out: Any) -> Any:
         """``out`` quantized by ``q`` at site ``key``, or left float for a later site in training."""
@@ -700,12 +704,22 @@ class Placement(nn.Module):
                 return out
         return _map_first_float(out, q)
 
-    def _apply_deferred(self, key: Any, out: Any) -> Any:
-        numel = self._pending.pop(key, None)
-        if numel is None:
+    def _apply_deferred(self, key: Any, out: Any, func_name: Optional[str] = None) -> Any:
+        """``out`` quantized for the site deferred to ``key``, if one is pending; an op of another name than
+        traced leaves it pending (the frame's exit then quantizes the module's output)."""
+        if key not in self._pending:
             return out
-        q = self._targets[key]
+        func, q = self._targets[key]
+        if func is not None and func_name is not None and func_name != func:
+            return out
+        numel = self._pending.pop(key)
         return _map_first_float(out, lambda t: q(t, grad_numel=numel))
+
+    def _stop_deferring(self, frame: str) -> None:
+        """Quantize at the sources again for the deferred sites in ``frame`` (its dataflow changed)."""
+        targets = set(self._frame_targets.pop(frame, ()))
+        for src in [k for k, t in self._defer.items() if t in targets]:
+            del self._defer[src]
 
     def _exact_add(self, where: Tuple[str, int], func: Any, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                    out: Any) -> Any:
@@ -752,7 +766,8 @@ class Placement(nn.Module):
                 if isinstance(layer, QuantLayerMixin):
                     object.__setattr__(layer, "qgait_output_quant", q)
         self._resolved[:] = qs
-        for index in (self._op_sites, self._out_sites, self._defer, self._targets, self._pending):
+        for index in (self._op_sites, self._out_sites, self._defer, self._targets, self._pending,
+                      self._frame_targets, self._defer_only_frames):
             index.clear()
         for grp, q in zip(self.groups, qs):
             for frame, idx, func in grp.op_sites:
@@ -761,7 +776,11 @@ class Placement(nn.Module):
                 self._out_sites[frame] = q
             for here, later in grp.deferred:
                 self._defer[_site_key(here)] = _site_key(later)
-                self._targets[_site_key(later)] = q
+                self._targets[_site_key(later)] = (later[3] if later[0] == "op" else None, q)
+                if later[0] == "op":
+                    self._frame_targets.setdefault(later[1], []).append(_site_key(later))
+        checked = {f for f, _ in self._op_sites} | {a[0] for a in self.plan.adds}
+        self._defer_only_frames.update(f for f in self._frame_targets if f not in checked)
         self._adds.clear()
         for frame, idx, func, ia, ib, ic, relu in self.plan.adds:
             self._adds[(frame, idx)] = (func, qs[ia], qs[ib], qs[ic], relu)
@@ -799,9 +818,23 @@ class Placement(nn.Module):
         if not self._frames.stack:
             return None
         key, count = self._frames.stack.pop()
+        changed = False
+        for t in self._frame_targets.get(key, ()) if sites else ():
+            if t in self._pending:  # the op traced here did not run: quantize what the module returns
+                if isinstance(out, (torch.Tensor, tuple, list)) and _first_float(out) is not None:
+                    out, changed = self._apply_deferred(t, out), True
+                else:
+                    self._pending.pop(t)
+                    self._warn(t, f"the module returned {type(out).__name__}; a site training quantizes here "
+                               "stayed float")
         expected = self.plan.frame_ops.get(key)
-        if expected is not None and count != expected:
-            self._warn(key, f"{count} ops ran where the trace saw {expected}")
+        if expected is not None and count != expected and (self.training or key not in self._defer_only_frames):
+            why = f"{count} ops ran where the trace saw {expected}"
+            if self.training and key in self._frame_targets:  # OpenGait's pooling with sequence lengths
+                self._stop_deferring(key)
+                self._warn(key, why, "training quantizes the tensors pooled here where they are made from now on")
+            else:
+                self._warn(key, why)
         q = self._out_sites.get(key) if sites else None
         if root and self._mode is not None:
             mode = self._mode
@@ -812,11 +845,11 @@ class Placement(nn.Module):
             self._warn(tuple(self._pending), "a site training quantizes at, after max pooling or a view, did not run")
             self._pending.clear()
         if q is None and not deferred:
-            return None
+            return out if changed else None
         if isinstance(out, torch.Tensor) and out.is_floating_point():
             return self._apply_site(key, q, out) if q is not None else self._apply_deferred(key, out)
         self._warn(key, f"the module returned {type(out).__name__}, not a tensor")
-        return None
+        return out if changed else None
 
     def get_extra_state(self) -> Dict[str, Any]:
         return self.plan.to_dict()
