@@ -62,3 +62,58 @@ def test_init_reducer_hook_is_used_for_every_initialisation():
     steps = [q.step for _, q in iter_quantizers(m)]
     assert all(torch.all(s == 0.125) for s in steps)
     assert calls.count("mean") == 4 and calls.count("max") == 2  # steps of 2 weights + 2 inputs; 2 sign votes
+
+
+def test_with_dataflow_placement_the_report_lists_what_stays_float_and_why():
+    import warnings
+
+    from torch import nn
+
+    from qgait_plugin.quant.placement import ACT_PRODUCT
+
+    class Attn(nn.Module):
+        """conv -> tokens -> self-attention: products of two activations, then softmax and mean."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.qk = nn.Linear(8, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            t = self.conv(x).flatten(2).transpose(1, 2)  # [n, tokens, 8]
+            q, k = self.qk(t).chunk(2, dim=-1)
+            a = torch.softmax(q @ k.transpose(1, 2), dim=-1)
+            return (a @ t).mean(1)
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 6, 6)
+    m = quantize_model(Attn(), {"weight": {"bits": 8}, "act": {"bits": 8}}, example_inputs=(x[:1],))
+    m.train()
+    m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the report's own trace does not disturb the placement
+        rep = coverage_report(m.eval(), x[:1])
+    # a @ t reads the quantized tokens; q @ k^T reads the linear's float output (MatMulIntegerToFloat's), and the
+    # softmax and the mean read float tensors too: none of them is where the integer graph dequantizes
+    assert rep.stays_float == [{"module": "", "op": "matmul", "count": 1, "reason": ACT_PRODUCT}]
+    assert "Stays float where a quantized tensor enters it" in rep.table() and rep.to_dict()["stays_float"]
+    # without dataflow placement there is nothing to report
+    assert coverage_report(quantize_model(Attn(), {"weight": {"bits": 8}, "act": {"bits": 8}}).train(), x).stays_float \
+        == []
+
+
+def test_the_mean_of_horizontal_pooling_is_listed_on_a_user_network():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_placement import UserGaitNet, _frames
+
+    from qgait_plugin.quant.placement import float_reason
+
+    m = quantize_model(UserGaitNet(), {"weight": {"bits": 8}, "act": {"bits": 8}}, example_inputs=(_frames(1, 0),))
+    m.train()
+    m(_frames(2, 1))
+    rep = coverage_report(m.eval(), _frames(1, 2))
+    assert rep.stays_float == [{"module": "", "op": "mean", "count": 1, "reason": float_reason("mean")}]
+    assert "ReduceMean" in float_reason("mean")

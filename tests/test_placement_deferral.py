@@ -208,3 +208,31 @@ def test_a_pooling_whose_dataflow_changes_keeps_every_value_quantized():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(q(x, [2, 4]), ref(x, [2, 4]))
+
+
+class AddBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)) + x)  # the add's frame is checked; the ReLU's output is deferred
+
+
+def test_deferring_a_module_output_adds_no_op_to_the_enclosing_frame():
+    """Found on DeepGaitV2-p3d: the per-sample count of a deferred tensor was read as ``t[0].numel()``,
+    an indexing op that the enclosing block's frame counted, so its op count differed from the trace's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), AddBlock(8),
+                        nn.MaxPool2d(2), nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 6, 3))
+    x = _sils(1, 0).reshape(6, 1, 16, 12)
+    q = quantize_model(net, {"weight": {"bits": 4}, "act": {"bits": 4}}, example_inputs=(x[:1],))
+    assert any(a == ("out", "3.relu#0") for g in q.qgait_placement.plan.groups for a, _ in g.deferred)
+    assert "3#0" in q.qgait_placement.plan.frame_ops
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q.train()
+        for _ in range(3):
+            q(x).sum().backward()

@@ -1,4 +1,5 @@
-"""Coverage report: which layers run quantized, at which bit widths, and how many MACs that covers.
+"""Coverage report: which layers run quantized, at which bit widths, and how many MACs that covers;
+with dataflow placement also which ops stay float where a quantized tensor enters them, and why.
 
 MACs are counted at the level of torch functions (conv, linear, matmul, bmm, einsum, attention)
 while the model runs on an example input, and charged to the innermost module that was running.
@@ -18,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..compat import scaled_dot_product_attention
 from ..spec import FP_BITS
+from . import placement
 from .layers import QuantLayerMixin
 
 
@@ -102,6 +104,9 @@ class CoverageReport:
     """Per-layer bit widths and MACs for one example input; ``quantized_mac_fraction`` in [0, 1]."""
 
     rows: List[CoverageRow] = field(default_factory=list)
+    #: with dataflow placement, the ops that read a quantized tensor but compute in float (where the
+    #: integer graph dequantizes), with the reason: :func:`~qgait_plugin.quant.placement.float_boundaries`
+    stays_float: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def total_macs(self) -> int:
@@ -126,11 +131,16 @@ class CoverageReport:
             lines.append(f"| {r.name or '(model)'} | {r.type} | {bits(r.weight_bits)} | {bits(r.act_bits)} | "
                          f"{r.macs:,} | {q}{' (' + r.note + ')' if r.note else ''} |")
         lines.append(f"| **total** | | | | {self.total_macs:,} | {100 * self.quantized_mac_fraction:.1f} % quantized |")
+        if self.stays_float:
+            lines += ["", "Stays float where a quantized tensor enters it:", "",
+                      "| module | op | times | why |", "|---|---|---:|---|"]
+            lines += [f"| {r['module'] or '(model)'} | {r['op']} | {r['count']} | {r['reason']} |"
+                      for r in self.stays_float]
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"quantized_mac_fraction": self.quantized_mac_fraction, "total_macs": self.total_macs,
-                "rows": [r.__dict__ for r in self.rows]}
+                "rows": [r.__dict__ for r in self.rows], "stays_float": list(self.stays_float)}
 
     def __str__(self) -> str:
         return self.table()
@@ -188,4 +198,8 @@ def coverage_report(model: nn.Module, example_inputs: Any,
         macs = counts.get(name, 0)
         if macs or isinstance(m, QuantLayerMixin):
             rows.append(_layer_row(name, m, macs))
-    return CoverageReport(rows)
+    stays_float = []
+    if isinstance(getattr(model, placement.ATTR, None), placement.Placement):  # in the mode of the pass above
+        tr = placement.trace_quiet(model, example_inputs, forward_kwargs, training=needs_init or was_training)
+        stays_float = placement.float_boundaries(tr, model)
+    return CoverageReport(rows, stays_float)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -89,6 +90,8 @@ OUTPUT_OF = "output of "
 
 #: the name of the placement submodule a model gets
 ATTR = "qgait_placement"
+#: state-dict suffixes of the running statistics a training-mode trace puts back
+_NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def rule(func_name: str) -> str:
@@ -248,8 +251,10 @@ class _Recorder(TorchFunctionMode):
 
 
 @torch.no_grad()
-def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None) -> Trace:
-    """Run ``model`` once in eval mode on ``example_inputs`` (a tensor or a tuple) and record its dataflow.
+def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None,
+          training: bool = False) -> Trace:
+    """Run ``model`` once in eval mode (``training``: in training mode, its normalisation statistics
+    left as they were) on ``example_inputs`` (a tensor or a tuple) and record its dataflow.
 
     The model should have its quantizers switched off (:func:`place` does that), so the record holds
     the model's own ops; the frames are those the placement keys its sites by.
@@ -296,7 +301,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
     was_training = model.training
-    model.eval()
+    model.train(training)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(_NORM_STATS)} if training else {}
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with _Recorder(frames, tr, value_of, keep, lambda: mods[-1] if mods else ""):
@@ -305,6 +311,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
         for h in handles:
             h.remove()
         model.train(was_training)
+        if stats:
+            model.load_state_dict(stats, strict=False)
     tr.model_outputs = {ids[id(t)] for t in _flat_tensors(out if not isinstance(out, dict) else list(out.values()),
                                                           None) if id(t) in ids}
     return tr
@@ -585,6 +593,46 @@ def plan(tr: Trace, model: nn.Module) -> List[Group]:
     return _planner(tr, model).groups()
 
 
+#: why an op the rule table leaves float stays float, by torch function name (first match wins)
+FLOAT_REASONS: Tuple[Tuple[Tuple[str, ...], str], ...] = (
+    (("mean", "sum", "nanmean"), "a mean or sum: no integer kernel in the runtimes' QDQ fusions (ReduceMean)"),
+    (("pow", "__pow__", "sqrt", "rsqrt", "exp", "log", "div", "__truediv__", "reciprocal", "clamp", "clamp_min"),
+     "a power, root, division or clamp (GeM's p-th power and root among them): float by the rule table"),
+    (("softmax", "log_softmax", "normalize", "layer_norm", "group_norm", "instance_norm", "batch_norm", "norm"),
+     "a softmax or a normalisation not folded into a conv: float by the rule table"),
+    (("interpolate", "upsample", "upsample_nearest2d", "upsample_bilinear2d"),
+     "a resize: float by the rule table (a nearest-neighbour one could keep its input's grid; not done)"),
+)
+#: the reason of a float op not in :data:`FLOAT_REASONS`
+OTHER_FLOAT = "no integer form in the rule table"
+#: why a product of two activations stays float
+ACT_PRODUCT = "a product of two activations (attention): onnxruntime's QDQ fusions have no integer kernel for it"
+
+
+def float_reason(func_name: str) -> str:
+    return next((why for names, why in FLOAT_REASONS if func_name in names), OTHER_FLOAT)
+
+
+def float_boundaries(tr: Trace, model: nn.Module) -> List[Dict[str, Any]]:
+    """The ops of ``tr`` (a trace of ``model``) that read a tensor the placement quantizes but compute in
+    float, where the integer graph dequantizes: ``[{"module", "op", "count", "reason"}]`` in order."""
+    p = _planner(tr, model)
+    out: Dict[Tuple[str, str, str], int] = {}
+    for n in tr.nodes:
+        acts = [v for v in n.inputs if p.activation(v)]
+        if not any(p.group(v) is not None for v in acts):
+            continue
+        if n.rule == FLOAT:
+            why = float_reason(n.func)
+        elif n.rule == "matmul" and n.module not in p.layers and len(acts) >= 2:
+            why = ACT_PRODUCT
+        else:
+            continue
+        key = (n.module, n.func, why)
+        out[key] = out.get(key, 0) + 1
+    return [{"module": m, "op": f, "count": c, "reason": w} for (m, f, w), c in out.items()]
+
+
 # -- run time -------------------------------------------------------------------------------------------
 
 class _Apply(TorchFunctionMode):
@@ -700,7 +748,8 @@ class Placement(nn.Module):
         if later is not None and self.training and q.enabled and bool(q.initialized):
             t = _first_float(out)
             if t is not None:
-                self._pending[later] = t[0].numel() if t.dim() > 1 else t.numel()
+                # from the shape, not t[0]: an indexing op here would count as an op of the enclosing frame
+                self._pending[later] = math.prod(t.shape[1:]) if t.dim() > 1 else t.numel()
                 return out
         return _map_first_float(out, q)
 
@@ -927,13 +976,14 @@ def install_placement(model: nn.Module, plan: Plan, spec: QuantizerSpec) -> Plac
     return p
 
 
-def trace_quiet(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None) -> Trace:
+def trace_quiet(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[str, Any]] = None,
+                training: bool = False) -> Trace:
     """:func:`trace` with every quantizer of ``model`` switched off for the run (and back on after)."""
     qs = [(q, q.enabled) for q in model.modules() if isinstance(q, LSQQuantizer)]
     for q, _ in qs:
         q.enabled = False
     try:
-        return trace(model, example_inputs, forward_kwargs)
+        return trace(model, example_inputs, forward_kwargs, training)
     finally:
         for q, on in qs:
             q.enabled = on
