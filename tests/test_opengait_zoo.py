@@ -27,9 +27,9 @@ MODELS = ["GaitBase", "DeepGaitV2-2d", "DeepGaitV2-p3d", "DeepGaitV2-3d", "GaitS
 
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_model_quantizes_at_w4a4(og, name):
-    from qgait_plugin.opengait.zoo import check_model
-
     import warnings
+
+    from qgait_plugin.opengait.zoo import check_model
 
     with warnings.catch_warnings(record=True) as caught:  # dataflow placement, as the OpenGait host places
         warnings.simplefilter("always")
