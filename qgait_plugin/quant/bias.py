@@ -96,14 +96,15 @@ def requantize_like_runtime(bn: Any, conv: Any, acc: torch.Tensor, sx: float, ou
         bias = bn.bias.double() + bias
     sb = torch.tensor(sx, dtype=f32) * new_step
     bias_int = torch.round(bias.to(f32).double() / sb.double())
-    sign = torch.where(g < 0, -1.0, 1.0).double()
     shape = (1, -1) + (1,) * (acc.dim() - 2)
-    total = acc * sign.reshape(shape) + bias_int.reshape(shape)
+    total = acc  # the conv's own accumulator, read by nothing after this hook: updated in place (eval is slow enough)
+    if bool((g < 0).any()):
+        total.mul_(torch.where(g < 0, -1.0, 1.0).double().reshape(shape))
+    total.add_(bias_int.reshape(shape))
     ys = out_q.effective_step().reshape(-1)[0].to(f32)
     mult = (sb / ys).to(f32)
-    v = total.to(f32) * mult.reshape(shape)
     qmin, qmax = out_q.qrange_now()
-    return torch.round(v).clamp(qmin, qmax) * ys
+    return total.to(f32).mul_(mult.reshape(shape)).round_().clamp_(qmin, qmax).mul_(ys)
 
 
 def install(model: nn.Module) -> None:

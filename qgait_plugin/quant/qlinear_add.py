@@ -19,21 +19,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 #: the zero point of a signed grid in its uint8 container (export/qdq.py writes the same)
 SIGNED_ZERO_POINT = 128
 
 
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    """Round to float32 once and widen back: one IEEE float32 operation's result, in float64."""
-    return t.to(torch.float32).to(torch.float64)
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 once: one IEEE float32 operation's result, as a Python float."""
+    return float(np.float32(v))
 
 
 def _container(q: Any) -> tuple:
-    """``(scale as float64 of the float32 the graph stores, zero point)`` of an activation quantizer."""
-    scale = q.effective_step().reshape(-1)[0].to(torch.float32).to(torch.float64)
-    return scale, SIGNED_ZERO_POINT if q.signed else 0
+    """``(scale, as the float32 the graph stores, zero point)`` of an activation quantizer."""
+    return _f32(float(q.effective_step().reshape(-1)[0])), SIGNED_ZERO_POINT if q.signed else 0
 
 
 @torch.no_grad()
@@ -41,15 +41,18 @@ def qlinear_add_like_runtime(a: torch.Tensor, b: torch.Tensor, qa: Any, qb: Any,
     """``a + b`` requantized at ``qc``'s grid as onnxruntime's QLinearAdd computes it, for ``a`` on
     ``qa``'s grid and ``b`` on ``qb``'s (the quantizers' values, the placement's eval forward).
 
-    Returns ``q * s_c`` in ``a``'s dtype, which ``qc`` maps back to ``q`` exactly."""
+    Returns ``q * s_c`` in float32, which ``qc`` maps back to ``q`` exactly."""
     sa, za = _container(qa)
     sb, zb = _container(qb)
     sc, zc = _container(qc)
-    ra, rb = _f32(sa / sc), _f32(sb / sc)
-    f = _f32(zc - _f32(ra * za + rb * zb))
-    a8 = torch.round(a.double() / sa) + za
-    b8 = torch.round(b.double() / sb) + zb
-    c = _f32(a8 * ra + _f32(b8 * rb + f))
+    ra, rb = _f32(sa / sc), _f32(sb / sc)  # float32 division is correctly rounded: the kernel's ratios
+    f = _f32(zc - _f32(ra * za + rb * zb))  # products of a float32 and 0 or 128 are exact in float64
+    # the uint8 values: grid values over their float32 step are integers within an ulp
+    a8 = torch.round(a.float() / sa).add_(za)
+    b8 = torch.round(b.float() / sb).add_(zb)
+    # fma(x, r, y) is x * r + y rounded once; with x < 256 and r, y float32 the float64 sum is exact
+    t = b8.double().mul_(rb).add_(f).float()
+    c = a8.double().mul_(ra).add_(t).float()
     qmin, qmax = qc.qrange_now()
-    q = torch.round(c).clamp(0, 255).sub(zc).clamp(qmin, qmax)  # saturate to uint8, then the grid's Clip
-    return (q * sc).to(a.dtype)
+    # saturate to uint8, then the Clip the exporter writes for the grid; q * s_c rounds once in float32
+    return c.round_().clamp_(0, 255).sub_(zc).clamp_(qmin, qmax).mul_(sc)
