@@ -298,7 +298,7 @@ def run_job(job: Mapping[str, Any]) -> Dict[str, Any]:
     """Train one method/bits/seed and evaluate it once on ``job['final_split']``; returns a JSON-able record.
 
     With ``job['eval_float64']`` false (``qat.eval_float64: false``), quantized convs sum in float32 in
-    evaluation too (:func:`~qgait_plugin.quant.layers.float32_accumulation`), ~3.6x faster on the CPU."""
+    evaluation too (:func:`~qgait_plugin.quant.layers.float32_accumulation`), ~2.7x faster on the CPU."""
     import torch
 
     torch.set_num_threads(int(job["threads"]))

@@ -51,7 +51,7 @@ def calibrate_model(model: nn.Module, batches: Sequence[Any], quant: QuantConfig
     if not batches:
         raise ValueError("calibrate_model: no calibration batches")
     # float32 sums throughout: the statistics pass is the FP network, and the objectives train as QAT
-    # does; the float64 eval conv (integer-exact at near-ties) makes each pass ~3.6x slower on the CPU
+    # does; the runtime-exact eval arithmetic makes each pass ~2.7x slower on the CPU
     with float32_accumulation():
         return _calibrate(model, batches, quant, forward, embed, labels, teacher, task_loss, cfg, progress)
 

@@ -66,8 +66,9 @@ def float32_accumulation() -> Iterator[None]:
     """Inside, eval-mode quantized convs on the CPU accumulate in float32 like every other conv (and
     residual adds add in float32).
 
-    The float64 sum matches the integer runtime at near-ties but makes the quantized model's forward
-    ~3.6x slower on the CPU (the benchmark model, 1 thread); a loop that runs the model thousands of times and does
+    The exact integer arithmetic matches the integer runtime at near-ties but makes the quantized model's
+    eval forward ~2.7x slower on the CPU (GaitBaseLite 16-32-64, 2 threads; 3.6x before its convs ran in
+    float32 where exact, 2026-12-07); a loop that runs the model thousands of times and does
     not need that last rounding agreement (calibration objectives, a benchmark's evaluation that
     says so) turns it off here."""
     global _FLOAT64_EVAL
