@@ -92,3 +92,48 @@ def test_residual_adds_compute_the_runtimes_qlinearadd_so_outputs_agree_to_float
             want = head(x)
         got = torch.from_numpy(run_session(sess, x.numpy())[0])
         assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
+class LeakyNet(nn.Module):
+    """GaitSet's shape: convs with no BatchNorm, each followed by LeakyReLU, max pooling, a mean at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 16, 5, padding=2, bias=False)
+        self.c2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.c3 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.fc = nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = nn.functional.leaky_relu
+        y = act(self.c2(act(self.c1(x))))
+        y = act(self.c3(nn.functional.max_pool2d(y, 2)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_convs_without_batchnorm_requantize_as_qlinearconv(tmp_path, bits):
+    """A conv whose output the placement quantizes with no BatchNorm between (conv -> LeakyReLU) is
+    requantized in eval as QLinearConv does (GLN at OpenGait width: cosine 0.99995 -> 1.0, GaitSet
+    0.9999996 -> 1.0); outputs agree with onnxruntime to float32 rounding."""
+    from qgait_plugin.export.onnx_export import export_onnx
+    from qgait_plugin.export.runtime import cpu_session, run_session
+    from qgait_plugin.quant.convert import quantize_model
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.rand(6, 1, 32, 22, generator=g) > 0.5).float()
+    q = quantize_model(LeakyNet(), {"weight": {"bits": bits}, "act": {"bits": bits}}, example_inputs=(x[:1],))
+    assert [getattr(q, c).__dict__.get("qgait_requant_direct") is not None for c in ("c1", "c2", "c3")] == [True] * 3
+    q.train()
+    with torch.no_grad():
+        q(x)
+    q.eval()
+    path = str(tmp_path / "m.onnx")
+    export_onnx(q, (x[:1],), path)
+    sess = cpu_session(path, 1)
+    for i in range(len(x)):
+        with torch.no_grad():
+            want = q(x[i:i + 1])
+        got = torch.from_numpy(run_session(sess, x[i:i + 1].numpy())[0])
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5, i

@@ -101,10 +101,28 @@ def requantize_like_runtime(bn: Any, conv: Any, acc: torch.Tensor, sx: float, ou
     if bool((g < 0).any()):
         total.mul_(torch.where(g < 0, -1.0, 1.0).double().reshape(shape))
     total.add_(bias_int.reshape(shape))
+    return requantize_accumulator(total, sb, out_q)
+
+
+@torch.no_grad()
+def requantize_accumulator(acc: torch.Tensor, sb: torch.Tensor, out_q: Any) -> torch.Tensor:
+    """``round_half_even(fp32(acc) * fp32(sb / s_y))`` clamped to ``out_q``'s grid, times ``s_y``: the
+    output step of QLinearConv for the integer accumulator ``acc`` (bias included) whose unit is the
+    float32 ``sb`` (``s_x * s_w`` per output channel)."""
+    f32 = torch.float32
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
     ys = out_q.effective_step().reshape(-1)[0].to(f32)
     mult = (sb / ys).to(f32)
     qmin, qmax = out_q.qrange_now()
-    return total.to(f32).mul_(mult.reshape(shape)).round_().clamp_(qmin, qmax).mul_(ys)
+    return acc.to(f32).mul_(mult.reshape(shape)).round_().clamp_(qmin, qmax).mul_(ys)
+
+
+def requantize_conv_output(conv: Any, acc: torch.Tensor, sx: float, out_q: Any) -> torch.Tensor:
+    """A conv with no BatchNorm after it whose output ``out_q`` quantizes (the placement's
+    ``qgait_requant_direct``: conv -> LeakyReLU in GaitSet, GaitPart, GaitGL, GLN), requantized as
+    QLinearConv computes it."""
+    step = conv.weight_quant.effective_step().to(torch.float32).reshape(-1).expand(acc.shape[1])
+    return requantize_accumulator(acc, torch.tensor(sx, dtype=torch.float32) * step, out_q)
 
 
 def install(model: nn.Module) -> None:

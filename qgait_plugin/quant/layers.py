@@ -91,7 +91,15 @@ class _QuantConvForward(QuantLayerMixin, _ConvBase):
             # grid values times grid values: accumulated in float64 the sum is the integer runtime's
             # exact int32 accumulator (times the two steps), so near-tie values round as deployed
             parts = integer_accumulator(self, x, w)
-            if parts is not None:  # one float64 conv: the output is the accumulator times the steps
+            direct = getattr(self, "qgait_requant_direct", None)
+            if parts is not None and direct is not None and direct.enabled and bool(direct.initialized):
+                # no BatchNorm follows and the placement quantizes this output: requantize as QLinearConv
+                from .bias import input_scale, requantize_conv_output
+
+                sx = input_scale(self)
+                if sx is not None:
+                    return requantize_conv_output(self, parts[0], sx, direct)
+            if parts is not None:  # the output is the accumulator times the steps
                 acc, scale = parts
                 out = (acc * scale).float()
             else:

@@ -814,6 +814,9 @@ class Placement(nn.Module):
                 layer = mods.get(reason[len(OUTPUT_OF):]) if reason.startswith(OUTPUT_OF) else None
                 if isinstance(layer, QuantLayerMixin):
                     object.__setattr__(layer, "qgait_output_quant", q)
+                    name = reason[len(OUTPUT_OF):]
+                    if any(f.rsplit("#", 1)[0] == name for f in grp.out_sites):  # no BatchNorm between
+                        object.__setattr__(layer, "qgait_requant_direct", q)
         self._resolved[:] = qs
         for index in (self._op_sites, self._out_sites, self._defer, self._targets, self._pending,
                       self._frame_targets, self._defer_only_frames):
@@ -929,6 +932,7 @@ def remove(model: nn.Module) -> None:
                     del hooks[k]
         m.__dict__.pop("qgait_input_quantized", None)
         m.__dict__.pop("qgait_output_quant", None)
+        m.__dict__.pop("qgait_requant_direct", None)
     delattr(model, ATTR)
 
 
