@@ -60,7 +60,7 @@ def test_every_uint8_pair_matches_onnxruntimes_qlinearadd(tmp_path, signs, steps
     qa, qb, qc = (_quantizer(8, s, st) for s, st in zip(signs, steps))
     zps = [SIGNED_ZERO_POINT if s else 0 for s in signs]
     path = str(tmp_path / "qadd.onnx")
-    _qdq_add_model(path, *(float(q.effective_step()) for q in (qa,)), zps[0], float(qb.effective_step()), zps[1],
+    _qdq_add_model(path, float(qa.effective_step()), zps[0], float(qb.effective_step()), zps[1],
                    float(qc.effective_step()), zps[2])
     assert optimized_graph_ops(path).get("com.microsoft:QLinearAdd") == 1  # the fused kernel runs
 

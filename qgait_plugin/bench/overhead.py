@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..export.runtime import time_calls, time_interleaved
+from ..export.runtime import time_interleaved
 from ..quant.convert import quantize_model, set_rounding
 
 
@@ -51,11 +51,6 @@ def train_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         opt.step()
 
     return step
-
-
-def time_steps(model: nn.Module, x: torch.Tensor, steps: int, warmup: int = 3) -> float:
-    """Median seconds of forward + backward + SGD step."""
-    return statistics.median(time_calls(train_step(model, x), steps, warmup))
 
 
 #: the networks ``qgait bench overhead --network`` times

@@ -302,7 +302,7 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
             handles.append(m.register_forward_hook(post))
     was_training = model.training
     model.train(training)
-    stats = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(_NORM_STATS)} if training else {}
+    stats = [(b, b.clone()) for n, b in model.named_buffers() if n.endswith(_NORM_STATS)] if training else []
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     try:
         with _Recorder(frames, tr, value_of, keep, lambda: mods[-1] if mods else ""):
@@ -311,8 +311,8 @@ def trace(model: nn.Module, example_inputs: Any, forward_kwargs: Optional[Dict[s
         for h in handles:
             h.remove()
         model.train(was_training)
-        if stats:
-            model.load_state_dict(stats, strict=False)
+        for buf, saved in stats:
+            buf.copy_(saved)
     tr.model_outputs = {ids[id(t)] for t in _flat_tensors(out if not isinstance(out, dict) else list(out.values()),
                                                           None) if id(t) in ids}
     return tr
